@@ -1,0 +1,252 @@
+"""One typed configuration object describes a run.
+
+`RunConfig` is loaded from TOML (``configs/*.toml``), adjusted by command-line
+options, and handed unchanged to the single-site commands, the Flower
+ServerApp and the Flower ClientApp. Flower's ``run_config`` only carries flat
+scalars, so `RunConfig.to_flat` / `RunConfig.from_flat` map the nested object
+onto dotted keys (``"model.kind" = "vae"``) and back, losslessly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medae_core.errors import ConfigError
+
+ModelKind = Literal["ae", "vae", "dae", "sae"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Maps one-to-one onto `medae_core.models.build_model`."""
+
+    kind: ModelKind = "ae"
+    image_size: int = 64  # 64, 128 or 256 px
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 stage each
+    latent_dim: int = 128
+    groups: int = 8  # GroupNorm groups (BatchNorm cannot be made private)
+    beta: float = 1.0  # VAE: weight of the KL term in the ELBO
+    noise_std: float = 0.2  # DAE: std of additive Gaussian noise
+    coarse_noise_std: float = 0.2  # DAE: std of coarse (low-resolution) noise
+    coarse_noise_res: int = 16  # DAE: resolution of the coarse noise field
+    sparsity_weight: float = 1e-3  # SAE: L1 weight on the code
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images are read and normalised; identical in training and scoring."""
+
+    # "auto": the DICOM file's VOI window if present, else percentiles.
+    # "window": window_center/window_width below. "percentile": per image.
+    intensity: Literal["auto", "window", "percentile"] = "auto"
+    window_center: float | None = None
+    window_width: float | None = None
+    percentile_low: float = 0.5
+    percentile_high: float = 99.5
+    min_foreground: float = 0.02  # slices with less foreground are left out
+    val_fraction: float = 0.15  # share of patients held out for validation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5  # single-site epochs; in a federation, epochs per round
+    batch_size: int = 32  # expected batch size (Poisson sampling under DP)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # "auto" = CUDA when present, else CPU
+    num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    budget_epsilon: float = 8.0  # total epsilon a site may ever spend
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrate from the budget
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    unit: Literal["patient", "image"] = "patient"
+    grad_sample_mode: str = "auto"  # auto, hooks, functorch, ew, ghost
+    ledger_path: str = ""  # empty: a per-site default under the user data dir
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    residual: Literal["l1", "l2", "ssim"] = "l1"
+    positive_only: bool = False  # only count image brighter than reconstruction
+    vae_score: Literal["recon", "elbo", "kl"] = "recon"
+    median_filter: int = 5  # odd kernel size; 0 or 1 disables
+    mask_foreground: bool = True
+    top_percent: float = 1.0  # image score = mean of the top % of map pixels
+    threshold_percentile: float = 95.0  # on healthy validation scores
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 5
+    sites: int = 3  # simulation only: number of virtual sites
+    data_root: str = ""  # simulation: one subfolder per site; empty = benchmark
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    proximal_mu: float = 0.01  # FedProx
+    server_lr: float = 0.01  # FedAdam (eta)
+    trim_beta: float = 0.2  # FedTrimmedAvg
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    benchmark_patients: int = 24  # built-in benchmark: patients per site
+    benchmark_seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """Return a copy with dotted keys replaced, skipping ``None`` values.
+
+        Used by the command line: ``{"model.kind": "vae", "train.epochs": None}``
+        sets the model kind and leaves the epochs as configured.
+        """
+        nested = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = key.partition(".")
+            if section not in nested or name not in nested[section]:
+                raise ConfigError(f"unknown config key {key!r}")
+            nested[section][name] = value
+        return RunConfig.from_dict(nested)
+
+    # -- Flower run_config ---------------------------------------------------
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Flat scalar mapping for Flower's run_config (None -> "", tuples -> "a,b")."""
+        flat: dict[str, bool | int | float | str] = {}
+        for section, values in self.to_dict().items():
+            for name, value in values.items():
+                if value is None:
+                    value = ""
+                elif isinstance(value, list):
+                    value = ",".join(str(v) for v in value)
+                flat[f"{section}.{name}"] = value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Inverse of `to_flat`. Keys that are not config keys are ignored."""
+        nested: dict[str, dict[str, Any]] = {}
+        hints = {f.name: typing.get_type_hints(f.default_factory) for f in dataclasses.fields(cls)}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if section not in hints or name not in hints[section]:
+                continue
+            nested.setdefault(section, {})[name] = _from_flat_value(hints[section][name], value)
+        return cls.from_dict(nested)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _from_flat_value(hint: Any, value: Any) -> Any:
+    if value == "" and _allows_none(hint):
+        return None
+    if _origin(hint) is tuple and isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    return value
+
+
+def _origin(hint: Any) -> Any:
+    return typing.get_origin(hint)
+
+
+def _allows_none(hint: Any) -> bool:
+    return _origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, prefix=key + ".")
+        else:
+            kwargs[name] = _coerce(hint, value, key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check a value against a field's type; allow int where float is expected."""
+    if value is None and _allows_none(hint):
+        return None
+    origin = _origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(options[0], value, key)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int) for v in value):
+            raise ConfigError(f"{key} must be a list of integers; got {value!r}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number; got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key} must be {hint.__name__}; got {value!r}")
+    return value
+
