@@ -1,0 +1,201 @@
+"""The medae ClientApp: one per hospital, the same in simulation and deployment.
+
+Thin by design: unpack the message, call `medae_core.site`, pack the reply.
+What may leave the site is fixed here, in one place:
+- ``arrays``: the model's state dict (no Opacus wrapper);
+- ``metrics``: the scalars and histogram counts named in `TRAIN_METRICS` /
+  `EVAL_METRICS`, nothing else;
+- ``site``: the site's display name and privacy unit.
+Refusals (budget spent, no usable data, ledger problem) are error replies
+whose reason is built here from numbers and the site name: never from paths,
+file names, or exception text that could carry them. Full details go to the
+site's own log.
+
+Where the site's data and ledger are:
+- deployment (``medae client``): node config ``data-path``, ``ledger-path``
+  and ``site-name``;
+- simulation (``medae simulate``): subfolder k (sorted) of the run config's
+  ``federation.data_root`` for node partition k, ledger in the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medae_core.config import RunConfig
+from medae_core.errors import BudgetExceededError, DataError, LedgerError
+from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
+from medae_core.scoring import score_histogram
+from medae_core.site import SiteTrainer, load_site_data
+
+log = logging.getLogger("medae.client")
+app = ClientApp()
+
+TRAIN_METRICS = (
+    "num-examples",
+    "loss",
+    "steps",
+    "epsilon",
+    "delta",
+    "budget-epsilon",
+    "noise-multiplier",
+    "sample-rate",
+    "seconds",
+    "images-per-second",
+)
+EVAL_METRICS = (
+    "num-examples",
+    "val-loss",
+    "healthy-hist",
+    "image-pos-hist",
+    "image-neg-hist",
+    "pixel-pos-hist",
+    "pixel-neg-hist",
+    "image-auroc",
+    "image-auprc",
+    "pixel-auroc",
+    "pixel-auprc",
+    "dice-best",
+    "dice-at-threshold",
+)
+SITE_FIELDS = ("site", "privacy-unit")
+
+# Error codes of medae refusals (Flower's own codes are below 100).
+BUDGET_EXCEEDED, NO_USABLE_DATA, LEDGER_PROBLEM, SITE_FAILURE = 100, 101, 102, 199
+
+
+# -- where things are ---------------------------------------------------------
+def site_location(context: Context, cfg: RunConfig) -> tuple[str, Path, Path]:
+    """(site name, data folder, ledger path) for this node."""
+    node = context.node_config
+    if "data-path" in node:
+        data = Path(str(node["data-path"]))
+        name = str(node.get("site-name", "site"))
+        ledger = Path(str(node["ledger-path"])) if node.get("ledger-path") else default_ledger_path(name)
+        return name, data, ledger
+    root = Path(cfg.federation.data_root)
+    sites = sorted(p for p in root.iterdir() if p.is_dir())
+    partition = int(node["partition-id"])
+    if partition >= len(sites):
+        raise DataError(f"simulation node {partition} has no site folder: {root} holds {len(sites)}")
+    data = sites[partition]
+    run_dir = Path(str(context.run_config["run-dir"]))
+    return data.name, data, run_dir / "ledgers" / f"{data.name}.jsonl"
+
+
+def open_site(context: Context) -> tuple[str, SiteTrainer, RunConfig]:
+    cfg = RunConfig.from_flat(context.run_config)
+    name, data_path, ledger_path = site_location(context, cfg)
+    ledger = None
+    if cfg.privacy.enabled:
+        check_ledger_location(ledger_path, data_path)
+        p = cfg.privacy
+        ledger = PrivacyLedger.open(
+            ledger_path, site=name, budget_epsilon=p.budget_epsilon, delta=p.delta, accountant=p.accountant, create=True
+        )
+    data = load_site_data(data_path, cfg, name=name)
+    return name, SiteTrainer(data, cfg, ledger), cfg
+
+
+# -- message handlers ---------------------------------------------------------
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _guarded(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _guarded(msg, context, _evaluate)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    name, trainer, cfg = open_site(context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    result = trainer.train_round(
+        msg.content["arrays"].to_torch_state_dict(),
+        run_id=str(config.get("run-id", "")),
+        server_round=server_round,
+        rounds_left=int(config.get("rounds-left", 1)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    metrics = {
+        "num-examples": result.num_examples,
+        "loss": result.loss,
+        "steps": result.steps,
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "budget-epsilon": cfg.privacy.budget_epsilon if cfg.privacy.enabled else 0.0,
+        "noise-multiplier": result.noise_multiplier or 0.0,
+        "sample-rate": result.sample_rate,
+        "seconds": result.seconds,
+        "images-per-second": result.images_per_second,
+    }
+    log.info("site %s round %d: loss %.4f, epsilon %.2f", name, server_round, result.loss, result.epsilon)
+    return _reply(msg, name, cfg, metrics, TRAIN_METRICS, arrays=ArrayRecord(result.state_dict))
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    name, trainer, cfg = open_site(context)
+    config = msg.content["config"]
+    threshold = float(config["threshold"]) if "threshold" in config else None
+    result = trainer.evaluate(msg.content["arrays"].to_torch_state_dict(), threshold)
+    metrics: dict = {
+        "num-examples": result.num_val,
+        "val-loss": result.val_loss,
+        "healthy-hist": _counts(score_histogram(result.healthy_scores)),
+    }
+    for key, counts in result.test_histograms.items():
+        metrics[f"{key}-hist"] = _counts(counts)
+    for key in ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold"):
+        value = result.test.get(key)
+        if value is not None and np.isfinite(value):
+            metrics[key.replace("_", "-")] = float(value)
+    return _reply(msg, name, cfg, metrics, EVAL_METRICS)
+
+
+# -- replies --------------------------------------------------------------------
+def _counts(counts: np.ndarray) -> list[int]:
+    return [int(c) for c in counts]
+
+
+def _reply(msg, name, cfg, metrics, allowed, arrays=None) -> Message:
+    unknown = set(metrics) - set(allowed)
+    if unknown:  # a programming error, caught before anything leaves the site
+        raise AssertionError(f"metrics not on the whitelist: {sorted(unknown)}")
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"site": name, "privacy-unit": cfg.privacy.unit}),
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content, reply_to=msg)
+
+
+def _guarded(msg: Message, context: Context, handler) -> Message:
+    """Run a handler; turn every failure into a reason that carries no path."""
+    site = str(context.node_config.get("site-name", context.node_config.get("partition-id", "site")))
+    try:
+        return handler(msg, context)
+    except BudgetExceededError as exc:
+        log.warning("site %s refuses the round: %s", site, exc)
+        return Message(Error(BUDGET_EXCEEDED, f"site {site} refused: {exc}"), reply_to=msg)
+    except LedgerError:
+        log.exception("site %s: privacy ledger problem", site)
+        reason = "privacy ledger missing or corrupted; an administrator must check it (details in the site's log)"
+        return Message(Error(LEDGER_PROBLEM, f"site {site} cannot train: {reason}"), reply_to=msg)
+    except DataError:
+        log.exception("site %s: data problem", site)
+        reason = "no usable training data (run `medae check-data` on the site's folder for details)"
+        return Message(Error(NO_USABLE_DATA, f"site {site} cannot train: {reason}"), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - anything else must not leak a traceback
+        log.exception("site %s: unexpected failure", site)
+        reason = f"internal error ({type(exc).__name__}); details in the site's log"
+        return Message(Error(SITE_FAILURE, f"site {site} failed: {reason}"), reply_to=msg)

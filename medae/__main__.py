@@ -1,0 +1,5 @@
+import sys
+
+from medae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,340 @@
+"""The `medae` command. It owns presentation (rich tables, progress bars).
+
+Every subcommand builds one `RunConfig` — defaults, then ``--config FILE``,
+then explicit options — and passes it on unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Sites are offline and medae never phones home: Flower's telemetry is read at
+# import time, so it is switched off before anything imports flwr.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from rich.console import Console  # noqa: E402
+from rich.logging import RichHandler  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from medae_core.config import RunConfig  # noqa: E402
+from medae_core.errors import MedaeError  # noqa: E402
+
+console = Console(stderr=True)
+out = Console()
+
+
+# -- helpers ------------------------------------------------------------------------
+@contextlib.contextmanager
+def progress_bar(description: str):
+    """Yield a ``progress(done, total)`` callback drawn as a rich progress bar."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal and os.environ.get("MEDAE_PROGRESS") != "1",
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def load_config(args, overrides: dict) -> RunConfig:
+    cfg = RunConfig.load(args.config) if getattr(args, "config", None) else RunConfig()
+    return cfg.with_overrides(overrides)
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="run configuration (TOML); see configs/")
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")
+
+
+def print_json(data) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+# -- check-data ---------------------------------------------------------------------
+def cmd_check_data(args) -> int:
+    from medae_core.data import check_data
+
+    cfg = load_config(args, {})
+    with progress_bar("reading images") as progress:
+        report = check_data(args.path, cfg.data, cfg.model.image_size, progress=progress)
+    if args.json:
+        print_json(report)
+    else:
+        table = Table(title=f"medae check-data {args.path}", show_header=False)
+        table.add_row("usable images", str(report["usable_images"]))
+        table.add_row("patients", str(report["patients"]))
+        table.add_row("layout", str(report.get("layout", "")))
+        for fmt, n in sorted(report.get("by_format", {}).items()):
+            table.add_row(f"  {fmt}", str(n))
+        table.add_row("skipped files", str(len(report["skipped"])))
+        for reason, n in sorted(report.get("skipped_by_reason", {}).items(), key=lambda kv: -kv[1]):
+            table.add_row(f"  {reason}", str(n))
+        out.print(table)
+        if report["skipped"]:
+            out.print("[dim]--json lists every skipped file with its reason[/dim]")
+    return 0 if report["usable_images"] >= 1 else 1
+
+
+# -- make-benchmark -----------------------------------------------------------------
+def cmd_make_benchmark(args) -> int:
+    from medae_core.benchmark import make_benchmark
+
+    with progress_bar("synthesising patients") as progress:
+        summary = make_benchmark(args.out, sites=args.sites, patients=args.patients, seed=args.seed,
+                                 progress=progress)
+    table = Table(title=f"benchmark written to {args.out}")
+    for col in ("site", "train patients", "test patients", "train slices", "test slices", "anomalous"):
+        table.add_column(col)
+    for site in summary["sites"]:
+        table.add_row(*(str(site.get(k, "")) for k in (
+            "site", "train_patients", "test_patients", "train_slices", "test_slices", "anomalous_slices")))
+    out.print(table)
+    return 0
+
+
+# -- train-local --------------------------------------------------------------------
+def cmd_train_local(args) -> int:
+    from medae_core.jobs import train_local
+
+    cfg = load_config(args, {
+        "model.kind": args.model,
+        "train.epochs": args.epochs,
+        "model.image_size": args.image_size,
+        "train.device": args.device,
+        "privacy.enabled": False if args.no_dp else None,
+        "privacy.budget_epsilon": args.budget,
+    })
+    with progress_bar(f"training {cfg.model.kind}") as progress:
+        summary = train_local(args.data, args.out, cfg, ledger_path=args.ledger, progress=progress)
+    table = Table(title=f"trained on {summary['site']} → {args.out}", show_header=False)
+    table.add_row("images / patients", f"{summary['train_images']} / {summary['train_patients']}")
+    table.add_row("loss (train / val)", f"{summary['loss']:.4f} / {summary['val_loss']:.4f}")
+    table.add_row("speed", f"{summary['images_per_second']:.0f} images/s")
+    priv = summary["privacy"]
+    if priv["enabled"]:
+        table.add_row("privacy", f"ε = {priv['epsilon']:.2f} of {priv['budget_epsilon']:g} (δ = {priv['delta']:g}), "
+                                 f"unit: {priv['unit']}, σ = {priv['noise_multiplier']:.3f}")
+        table.add_row("ledger", priv["ledger"])
+    else:
+        table.add_row("privacy", "[yellow]none (--no-dp): this model carries no privacy guarantee[/yellow]")
+    table.add_row("threshold", f"{summary['threshold']['value']:.4g} "
+                               f"({summary['threshold']['percentile']:g}th percentile of healthy validation)")
+    out.print(table)
+    if "test" in summary:
+        out.print(results_table({"model": summary["test"], "intensity baseline": summary["baseline_intensity"]}))
+    return 0
+
+
+def results_table(rows: dict[str, dict]) -> Table:
+    keys = ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
+    table = Table(title="test set")
+    table.add_column("scorer")
+    for k in keys:
+        table.add_column(k.replace("_", " "))
+    for name, values in rows.items():
+        table.add_row(name, *(_fmt((values or {}).get(k)) for k in keys))
+    return table
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+# -- score --------------------------------------------------------------------------
+def cmd_score(args) -> int:
+    from medae_core.jobs import score_folder
+
+    with progress_bar("scoring") as progress:
+        summary = score_folder(args.model, args.input, args.out, device=args.device,
+                               heatmaps=not args.no_heatmaps, progress=progress)
+    msg = f"scored {summary['images']} images → {Path(args.out) / 'scores.csv'}"
+    if summary["anomalous"] is not None:
+        msg += f"; {summary['anomalous']} above the threshold {summary['threshold']:.4g}"
+    out.print(msg)
+    if summary["skipped"]:
+        out.print(f"[yellow]{len(summary['skipped'])} files skipped (reasons in summary.json)[/yellow]")
+    if "metrics" in summary:
+        out.print(results_table({"model": summary["metrics"]}))
+    return 0
+
+
+# -- simulate -----------------------------------------------------------------------
+def cmd_simulate(args) -> int:
+    from medae.simulate import prepare_and_run
+
+    cfg = load_config(args, {
+        "federation.data_root": str(args.data) if args.data else None,
+        "federation.sites": args.sites,
+        "federation.rounds": args.rounds,
+        "model.kind": args.model,
+        "train.device": args.device,
+        "privacy.enabled": False if args.no_dp else None,
+    })
+    metrics = prepare_and_run(cfg, args.out, baselines=args.baselines, console=console)
+    rows = {"federated": metrics.get("test")}
+    rows.update({k: v for k, v in (metrics.get("baselines") or {}).items()})
+    out.print(results_table(rows))
+    out.print(f"report: {Path(args.out) / 'report.html'}; model: {Path(args.out) / 'model'}")
+    return 0
+
+
+# -- privacy ------------------------------------------------------------------------
+def cmd_privacy_epsilon(args) -> int:
+    from medae_core.privacy import compute_epsilon
+
+    eps = compute_epsilon([(args.noise_multiplier, args.sample_rate, args.steps)], args.delta, args.accountant)
+    if args.json:
+        print_json({"epsilon": eps})
+    else:
+        out.print(f"ε = {eps:.4f} (δ = {args.delta:g}, {args.accountant} accountant)")
+    return 0
+
+
+def cmd_privacy_ledger(args) -> int:
+    from medae_core.privacy import PrivacyLedger, describe
+
+    summary = describe(PrivacyLedger.open(args.path, create=False))
+    if args.json:
+        print_json(summary)
+        return 0
+    table = Table(title=f"privacy ledger {args.path}", show_header=False)
+    for key, value in summary.items():
+        if key != "entries":
+            table.add_row(key, str(value))
+    out.print(table)
+    entries = Table(title="entries")
+    for col in ("seq", "time", "run_id", "round", "noise_multiplier", "sample_rate", "steps", "unit"):
+        entries.add_column(col)
+    for e in summary.get("entries", []):
+        entries.add_row(*(str(e.get(c, "")) for c in ("seq", "time", "run_id", "round", "noise_multiplier",
+                                                     "sample_rate", "steps", "unit")))
+    out.print(entries)
+    return 0
+
+
+def cmd_privacy_reset(args) -> int:
+    from medae_core.privacy import PrivacyLedger
+
+    if not args.yes:
+        console.print("[red]refusing: resetting a ledger forgets privacy already spent. "
+                      "Pass --yes if an administrator has verified this.[/red]")
+        return 2
+    moved = PrivacyLedger.reset(args.path, confirm=True)
+    out.print(f"ledger moved aside to {moved}; the site starts a new ledger on its next round")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medae",
+        description="Federated autoencoder / VAE anomaly detection for medical images, with differential privacy.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-data", help="summarise usable images and skipped files in a folder")
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_config_option(p)
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("make-benchmark", help="write the built-in synthetic brain-MRI benchmark as DICOM")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--patients", type=int, default=24, help="patients per site")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_benchmark)
+
+    p = sub.add_parser("train-local", help="train on one site (DP by default) and write a model bundle")
+    p.add_argument("--data", type=Path, required=True, help="site folder (SITE/train, optional SITE/test)")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--image-size", type=int, choices=(64, 128, 256))
+    p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    p.add_argument("--budget", type=float, help="the site's total ε budget")
+    p.add_argument("--ledger", type=Path, help="privacy ledger (default: per site under the user data folder)")
+    add_config_option(p)
+    add_device_option(p)
+    p.set_defaults(func=cmd_train_local)
+
+    p = sub.add_parser("score", help="anomaly scores and heatmaps for every image in a folder")
+    p.add_argument("--model", type=Path, required=True, help="run folder or model bundle")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
+    add_device_option(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("simulate", help="simulate a whole federation on this machine (Flower + Ray)")
+    add_config_option(p)
+    p.add_argument("--data", type=Path, help="federation root: one subfolder per site (default: built-in benchmark)")
+    p.add_argument("--sites", type=int)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"))
+    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
+    p.add_argument("--no-dp", action="store_true")
+    p.add_argument("--baselines", action="store_true",
+                   help="also train centralized (DP and non-DP) and per-site models, and the intensity baseline")
+    add_device_option(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("privacy", help="privacy accounting")
+    psub = p.add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
+    q = psub.add_parser("epsilon", help="ε of DP-SGD from the accounting code the sites use")
+    q.add_argument("--sample-rate", type=float, required=True)
+    q.add_argument("--noise-multiplier", type=float, required=True)
+    q.add_argument("--steps", type=int, required=True)
+    q.add_argument("--delta", type=float, required=True)
+    q.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_privacy_epsilon)
+    q = psub.add_parser("ledger", help="show a site's privacy ledger")
+    q.add_argument("path", type=Path)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_privacy_ledger)
+    q = psub.add_parser("reset-ledger", help="administrators only: set a broken ledger aside")
+    q.add_argument("path", type=Path)
+    q.add_argument("--yes", action="store_true")
+    q.set_defaults(func=cmd_privacy_reset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+    )
+    try:
+        return args.func(args)
+    except MedaeError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

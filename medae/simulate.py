@@ -1,0 +1,143 @@
+"""`medae simulate`: a whole federation on one machine.
+
+Runs the same ServerApp (`server.app`) and ClientApp (`client.app`) that a
+deployment runs, on Flower's Simulation Runtime with the Ray backend: K
+virtual SuperNodes, node k reading site folder k of the federation root.
+
+Flower hands apps their settings as ``run_config``, fused from an app's
+``pyproject.toml`` defaults and the run's overrides. We write a minimal app
+manifest into the run folder whose defaults are this run's `RunConfig`, so
+both apps receive exactly the object the command line built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from medae_core.config import RunConfig
+from medae_core.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def app_manifest(flat: dict) -> str:
+    """A Flower app pyproject.toml whose run_config defaults are ``flat``."""
+    lines = [
+        "[project]",
+        'name = "medae-run"',
+        'version = "1.0.0"',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "medae"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server.app:app"',
+        'clientapp = "client.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    for key, value in flat.items():
+        lines.append(f'"{key}" = {_toml_value(value)}')
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def site_folders(root: Path) -> list[Path]:
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not sites:
+        raise DataError(f"{root} has no site subfolders; a federation root holds one folder per site")
+    return sites
+
+
+def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
+    """Run the federation described by ``cfg``; return the run folder."""
+    # Flower and Ray are imported here so that the rest of the CLI starts fast.
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.run import Run
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    root = Path(cfg.federation.data_root)
+    sites = site_folders(root)
+    if len(sites) < cfg.federation.sites:
+        raise ConfigError(f"{root} has {len(sites)} site folders but {cfg.federation.sites} sites were asked for")
+    if cfg.federation.min_sites > cfg.federation.sites:
+        raise ConfigError("federation.min_sites cannot exceed federation.sites")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flat = cfg.to_flat() | {"run-dir": str(run_dir.resolve())}
+    app_dir = run_dir / ".flwr-app"
+    app_dir.mkdir(exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(app_manifest(flat))
+
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.override_config = flat
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+        "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1},
+    }
+    # Sites are offline: the app is installed beforehand, nothing is installed at run time.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    _run_simulation(
+        num_supernodes=cfg.federation.sites,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config,
+        app_dir=str(app_dir),
+        run=run,
+        server_app_context=context,
+        exit_event=_exit_event(),
+    )
+    return run_dir
+
+
+def _exit_event():
+    from flwr.common.telemetry import EventType
+
+    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
+
+
+def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False, console=None) -> dict:
+    """Data (the built-in benchmark unless a root is given), simulation, baselines, report."""
+    import json
+
+    from medae_core.benchmark import make_benchmark
+    from medae_core.bundle import load_bundle
+    from medae_core.report import reference_images, write_metrics, write_report
+
+    run_dir = Path(run_dir)
+    if not cfg.federation.data_root:
+        root = run_dir / "data"
+        if not (root / "benchmark.json").exists():
+            log.info("writing the built-in benchmark (%d sites) to %s", cfg.federation.sites, root)
+            make_benchmark(root, sites=cfg.federation.sites, patients=cfg.federation.benchmark_patients,
+                           seed=cfg.federation.benchmark_seed)
+        cfg = cfg.with_overrides({"federation.data_root": str(root.resolve())})
+    run_simulation(cfg, run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if baselines:
+        from medae_core.baselines import run_baselines
+
+        sites = site_folders(Path(cfg.federation.data_root))[: cfg.federation.sites]
+        metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model")
+        write_metrics(run_dir, metrics)
+    bundle = load_bundle(run_dir / "model")
+    write_report(run_dir, metrics, bundle, reference=reference_images(cfg))
+    return metrics

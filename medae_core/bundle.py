@@ -1,0 +1,103 @@
+"""The model bundle: everything `medae score` needs, in one folder.
+
+A bundle is ``weights.pt`` (a plain state dict, loaded with ``weights_only``)
+and ``bundle.json`` (format version, the full RunConfig — model and
+preprocessing included — the calibrated threshold, and provenance). Both are
+written to temporary names and renamed, so a reader never sees half a bundle,
+even when a server saves one after every round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medae_core.config import RunConfig
+from medae_core.errors import BundleError
+
+BUNDLE_FORMAT = 1
+WEIGHTS = "weights.pt"
+META = "bundle.json"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Image-score threshold above which an image is called anomalous."""
+
+    value: float
+    percentile: float
+    n_healthy: int  # healthy validation images it was calibrated on
+    method: str  # "validation-percentile" or "federated-histogram"
+
+
+@dataclass
+class Bundle:
+    config: RunConfig
+    state_dict: dict[str, torch.Tensor]
+    threshold: Threshold | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> torch.nn.Module:
+        from medae_core.models import build_model
+
+        model = build_model(self.config.model)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def resolve_bundle_dir(path: str | Path) -> Path:
+    """Accept a bundle folder or a run folder that contains ``model/``."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / META).is_file() and (candidate / WEIGHTS).is_file():
+            return candidate
+    raise BundleError(
+        f"no model bundle at {path}: expected {META} and {WEIGHTS} there or in {path / 'model'}. "
+        "Point --model at the output folder of `medae train-local` or `medae simulate`."
+    )
+
+
+def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": bundle.config.to_dict(),
+        "threshold": None if bundle.threshold is None else vars(bundle.threshold),
+        "info": bundle.info,
+    }
+    state = {k: v.detach().cpu() for k, v in bundle.state_dict.items()}
+    _atomic_write(directory / WEIGHTS, lambda fh: torch.save(state, fh))
+    _atomic_write(directory / META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    return directory
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    directory = resolve_bundle_dir(path)
+    try:
+        meta = json.loads((directory / META).read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{directory / META} is not valid JSON: {exc}") from None
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{directory} has bundle format {meta.get('format')!r}; this medae reads format {BUNDLE_FORMAT}"
+        )
+    state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+    threshold = Threshold(**meta["threshold"]) if meta.get("threshold") else None
+    return Bundle(RunConfig.from_dict(meta["config"]), state, threshold, meta.get("info", {}))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

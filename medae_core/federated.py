@@ -1,0 +1,145 @@
+"""Server-side bookkeeping of a federated run, without Flower.
+
+Sites send only scalars and histogram counts (fixed, shared bins from
+`medae_core.scoring`). From those the server derives:
+- the global anomaly threshold: the percentile of the pooled healthy-score
+  histogram;
+- pooled test metrics: image AUROC/AUPRC from label-split image-score
+  histograms, pixel AUPRC and best Dice from label-split pixel histograms.
+Histogram metrics are exact up to the bin width: every score in a bin is
+treated as tied.
+
+`RunState` is the run's memory on the coordinator's disk (``RUN/state.json``):
+which round is done, the per-round metrics and each site's last report. The
+server saves it after every round so that a restarted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medae_core.config import RunConfig
+from medae_core.errors import ConfigError
+from medae_core.scoring import threshold_from_histogram
+
+STATE = "state.json"
+
+
+# -- metrics from pooled histograms -----------------------------------------
+def _descending_cumsums(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives when thresholding at each bin's lower edge (high to low)."""
+    tp = np.cumsum(pos[::-1].astype(np.float64))
+    fp = np.cumsum(neg[::-1].astype(np.float64))
+    return tp, fp
+
+
+def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """Area under the ROC curve, ties within a bin counted as one half."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if pos.sum() == 0 or neg.sum() == 0:
+        return None
+    neg_below = np.cumsum(neg) - neg  # negatives in strictly lower bins
+    wins = (pos * (neg_below + 0.5 * neg)).sum()
+    return float(wins / (pos.sum() * neg.sum()))
+
+
+def auprc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """Average precision: precision at each bin threshold weighted by recall gained."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if pos.sum() == 0:
+        return None
+    tp, fp = _descending_cumsums(pos, neg)
+    gained = pos[::-1] / pos.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+    return float((precision * gained).sum())
+
+
+def dice_best_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """Best global Dice over bin thresholds: 2TP / (2TP + FP + FN)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if pos.sum() == 0:
+        return None
+    tp, fp = _descending_cumsums(pos, neg)
+    fn = pos.sum() - tp
+    return float(np.max(2 * tp / (2 * tp + fp + fn)))
+
+
+def pool_evaluations(site_evals: list[dict[str, Any]], percentile: float) -> dict[str, Any]:
+    """Combine per-site evaluation replies into a threshold and pooled metrics.
+
+    Each element holds ``healthy_hist`` and optionally ``image_pos``,
+    ``image_neg``, ``pixel_pos``, ``pixel_neg`` (histogram counts).
+    """
+
+    def total(key: str) -> np.ndarray | None:
+        arrays = [np.asarray(e[key]) for e in site_evals if e.get(key) is not None]
+        return np.sum(arrays, axis=0) if arrays else None
+
+    pooled: dict[str, Any] = {}
+    healthy = total("healthy_hist")
+    if healthy is not None and healthy.sum() > 0:
+        pooled["threshold"] = float(threshold_from_histogram(healthy, percentile))
+        pooled["n_healthy"] = int(healthy.sum())
+    image_pos, image_neg = total("image_pos"), total("image_neg")
+    if image_pos is not None and image_neg is not None:
+        pooled["test"] = {
+            "image_auroc": auroc_from_histograms(image_pos, image_neg),
+            "image_auprc": auprc_from_histograms(image_pos, image_neg),
+            "n_images": int(image_pos.sum() + image_neg.sum()),
+            "n_anomalous": int(image_pos.sum()),
+        }
+        pixel_pos, pixel_neg = total("pixel_pos"), total("pixel_neg")
+        if pixel_pos is not None and pixel_neg is not None:
+            pooled["test"].update(
+                pixel_auroc=auroc_from_histograms(pixel_pos, pixel_neg),
+                pixel_auprc=auprc_from_histograms(pixel_pos, pixel_neg),
+                dice_best=dice_best_from_histograms(pixel_pos, pixel_neg),
+            )
+        pooled["curves"] = {"image_pos": image_pos.tolist(), "image_neg": image_neg.tolist()}
+    return pooled
+
+
+# -- run state --------------------------------------------------------------
+@dataclass
+class RunState:
+    run_id: str
+    config: dict[str, Any]
+    rounds_done: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @classmethod
+    def open(cls, run_dir: Path, cfg: RunConfig) -> RunState:
+        """Resume the run in ``run_dir`` or start a new one.
+
+        A run may only resume with the same model and data settings: changing
+        them mid-run would average incompatible weights.
+        """
+        path = Path(run_dir) / STATE
+        if not path.exists():
+            return cls(run_id=uuid.uuid4().hex[:12], config=cfg.to_dict())
+        state = cls(**json.loads(path.read_text()))
+        for section in ("model", "data"):
+            if state.config.get(section) != cfg.to_dict()[section]:
+                raise ConfigError(
+                    f"{run_dir} holds a run with different [{section}] settings; "
+                    "use a new --out folder or the original config to resume it"
+                )
+        return state
+
+    def save(self, run_dir: Path) -> None:
+        path = Path(run_dir) / STATE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{STATE}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)

@@ -1,0 +1,159 @@
+"""Single-site jobs behind `medae train-local` and `medae score`.
+
+The command line parses options into a `RunConfig` and calls these; they do
+the work and return JSON-ready summaries that the command line presents.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from medae_core import metrics, scoring
+from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
+from medae_core.config import RunConfig
+from medae_core.data import scan_folder
+from medae_core.errors import DataError, NoUsableImagesError
+from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
+from medae_core.site import SiteTrainer, evaluate_test, load_site_data
+
+log = logging.getLogger(__name__)
+
+
+def ensure_outside(out: Path, data: Path) -> None:
+    """Refuse an output folder inside a data folder: we never write there."""
+    out, data = Path(out).resolve(), Path(data).resolve()
+    if out == data or data in out.parents:
+        raise DataError(f"output folder {out} is inside the data folder {data}; choose a folder outside it")
+
+
+def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | None = None, progress=None) -> dict:
+    """Train on one site, calibrate the threshold, evaluate, write the bundle."""
+    site, run_dir = Path(site), Path(run_dir)
+    ensure_outside(run_dir, site)
+    data = load_site_data(site, cfg)
+    ledger = None
+    if cfg.privacy.enabled:
+        ledger_path = Path(ledger_path) if ledger_path else default_ledger_path(data.name)
+        check_ledger_location(ledger_path, site)
+        p = cfg.privacy
+        ledger = PrivacyLedger.open(
+            ledger_path, site=data.name, budget_epsilon=p.budget_epsilon, delta=p.delta,
+            accountant=p.accountant, create=True,
+        )
+    trainer = SiteTrainer(data, cfg, ledger)
+    result = trainer.train_round(None, run_id=uuid.uuid4().hex[:12], server_round=1, progress=progress)
+    evaluation = trainer.evaluate(result.state_dict, with_test=False)
+    threshold = Threshold(
+        value=float(scoring.calibrate_threshold(evaluation.healthy_scores, cfg.scoring.threshold_percentile)),
+        percentile=cfg.scoring.threshold_percentile,
+        n_healthy=len(evaluation.healthy_scores),
+        method="validation-percentile",
+    )
+    summary = {
+        "site": data.name,
+        "train_images": len(data.train_images),
+        "train_patients": data.n_train_patients,
+        "val_images": evaluation.num_val,
+        "skipped_files": data.skipped,
+        "loss": result.loss,
+        "val_loss": evaluation.val_loss,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "images_per_second": result.images_per_second,
+        "privacy": {
+            "enabled": cfg.privacy.enabled,
+            "unit": cfg.privacy.unit,
+            "epsilon": result.epsilon if cfg.privacy.enabled else None,
+            "delta": cfg.privacy.delta,
+            "budget_epsilon": cfg.privacy.budget_epsilon,
+            "noise_multiplier": result.noise_multiplier,
+            "sample_rate": result.sample_rate,
+            "ledger": str(ledger.path) if ledger is not None else None,
+        },
+        "threshold": vars(threshold),
+    }
+    if data.test is not None and data.test.labels is not None and (data.test.labels >= 0).any():
+        model = Bundle(cfg, result.state_dict, threshold).build_model().to(trainer.device)
+        summary["test"], _ = evaluate_test(model, data.test, cfg, trainer.device, threshold.value)
+        summary["baseline_intensity"] = intensity_baseline_metrics(data.test, cfg)
+    save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={"site": data.name}))
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    return summary
+
+
+def intensity_baseline_metrics(test, cfg: RunConfig) -> dict:
+    """The plain intensity-threshold scorer on the same test images."""
+    known = test.labels >= 0
+    maps, scores = scoring.intensity_baseline(test.images[known], cfg.scoring)
+    masks = test.masks[known] if test.masks is not None else None
+    has_mask = test.has_mask[known] if test.has_mask is not None else np.zeros(int(known.sum()), bool)
+    return metrics.evaluate(maps, scores, test.labels[known], masks, has_mask, None)
+
+
+def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, heatmaps: bool = True,
+                 progress=None) -> dict:
+    """Score every usable image under ``input_dir``; write scores.csv and heatmaps."""
+    from medae_core import figures
+    from medae_core.training import resolve_device
+
+    input_dir, out = Path(input_dir), Path(out)
+    ensure_outside(out, input_dir)
+    bundle = load_bundle(model_path)
+    cfg = bundle.config
+    device = resolve_device(device or cfg.train.device)
+    labels_csv = input_dir / "labels.csv"
+    scan = scan_folder(input_dir, cfg.data, cfg.model.image_size,
+                       labels_csv=labels_csv if labels_csv.is_file() else None)
+    if len(scan.images) == 0:
+        raise NoUsableImagesError(f"no usable image under {input_dir} ({len(scan.skipped)} files skipped)")
+    model = bundle.build_model().to(device)
+    maps, scores = scoring.anomaly_maps(model, scan.images, cfg.scoring, device)
+    threshold = bundle.threshold.value if bundle.threshold else None
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "scores.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "frame", "score", "anomalous"])
+        for entry, score in zip(scan.entries, scores, strict=True):
+            flag = "" if threshold is None else int(score > threshold)
+            writer.writerow([entry.path, "" if entry.frame is None else entry.frame, f"{score:.6g}", flag])
+    if heatmaps:
+        heat_dir = out / "heatmaps"
+        for i, entry in enumerate(scan.entries):
+            name = entry.path.replace("/", "__")
+            if entry.frame is not None:
+                name += f"__{entry.frame:04d}"
+            gt = scan.masks[i] if scan.has_mask is not None and scan.has_mask[i] else None
+            figures.save_overlay(heat_dir / f"{name}.png", scan.images[i], maps[i], threshold=threshold,
+                                 title=f"score {scores[i]:.4g}", gt_mask=gt)
+            if progress:
+                progress(i + 1, len(scan.entries))
+    summary = {
+        "images": len(scan.entries),
+        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+        "threshold": threshold,
+        "anomalous": None if threshold is None else int((scores > threshold).sum()),
+    }
+    if scan.labels is not None and (scan.labels >= 0).any():
+        known = scan.labels >= 0
+        masks = scan.masks[known] if scan.masks is not None else None
+        has_mask = scan.has_mask[known] if scan.has_mask is not None else np.zeros(int(known.sum()), bool)
+        summary["metrics"] = metrics.evaluate(maps[known], scores[known], scan.labels[known], masks, has_mask,
+                                              threshold)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    return summary
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,172 @@
+"""``RUN/metrics.json`` and the self-contained ``RUN/report.html``.
+
+The coordinator never sees a site's images, so the report's pictures of
+reconstructions and anomaly maps use reference images that are public by
+construction: slices synthesised from the MNI152 template (the built-in
+benchmark's generator). Curves come from pooled histogram counts.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medae_core import figures
+
+PRIVACY_NOTE = (
+    "ε bounds what the model weights reveal about any one {unit} of a site (DP-SGD, Opacus, {accountant} "
+    "accountant, replayed from each site's append-only ledger; reported values are upper bounds). "
+    "Evaluation replies — validation loss, score histogram counts and test metrics — are not covered by ε."
+)
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    path = Path(run_dir) / "metrics.json"
+    tmp = path.with_name(f".metrics.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=2, default=_plain))
+    os.replace(tmp, path)
+    return path
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.3g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="{figures.to_data_uri(png)}">'
+
+
+RESULT_KEYS = ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
+
+
+def results_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    rows = [["federated (pooled histograms)"] + [(metrics.get("test") or {}).get(k) for k in RESULT_KEYS]]
+    for name, values in (metrics.get("baselines") or {}).items():
+        rows.append([name] + [(values or {}).get(k) for k in RESULT_KEYS])
+    return rows
+
+
+def _hist_to_scores(pos: list[int], neg: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Expand label-split histogram counts into (bin index, label) pairs for curves."""
+    bins = np.arange(len(pos))
+    scores = np.concatenate([np.repeat(bins, pos), np.repeat(bins, neg)]).astype(float)
+    labels = np.concatenate([np.ones(int(np.sum(pos))), np.zeros(int(np.sum(neg)))])
+    return scores, labels
+
+
+def reference_figures(bundle, reference) -> list[str]:
+    """Reconstructions and anomaly maps of public reference slices (and VAE samples)."""
+    import torch
+
+    from medae_core import scoring
+    from medae_core.training import reconstruct, resolve_device
+
+    images, masks = reference
+    device = resolve_device("cpu")
+    model = bundle.build_model()
+    recons = reconstruct(model, images, device, 32)
+    maps, scores = scoring.anomaly_maps(model, images, bundle.config.scoring, device)
+    titles = [f"score {s:.3g}" for s in scores]
+    rows = [("input", *images), ("reconstruction", *recons), ("anomaly map", *maps)]
+    if masks is not None:
+        rows.append(("lesion mask", *masks.astype(np.float32)))
+    out = [_img(figures.image_grid(rows, titles), "reconstructions and anomaly maps")]
+    if bundle.config.model.kind == "vae":
+        with torch.no_grad():
+            samples = model.sample(8, generator=torch.Generator().manual_seed(0)).cpu().numpy()[:, 0]
+        out.append(_img(figures.image_grid([("VAE samples", *samples)]), "VAE samples"))
+    return out
+
+
+def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None) -> Path:
+    """Write ``RUN/report.html``; ``reference`` = (images, masks) of public slices."""
+    cfg = bundle.config
+    rounds = metrics.get("rounds", [])
+    sections = []
+
+    loss = {
+        "train loss": [(r["round"], r["train_loss"]) for r in rounds if r.get("train_loss") is not None],
+        "validation loss": [(r["round"], r["val_loss"]) for r in rounds if r.get("val_loss") is not None],
+    }
+    eps: dict[str, list] = {}
+    for r in rounds:
+        for site, s in r.get("sites", {}).items():
+            if s.get("status") == "ok":
+                eps.setdefault(site, []).append((r["round"], s["epsilon"]))
+    plots = []
+    if any(loss.values()):
+        plots.append(_img(figures.line_figure(loss, "round", "loss", "Loss per round"), "loss per round"))
+    if eps and cfg.privacy.enabled:
+        plots.append(_img(figures.line_figure(eps, "round", "ε spent", "Privacy spent per site"), "epsilon"))
+    sections.append("<h2>Training</h2>" + "".join(plots))
+
+    site_rows = []
+    for s in metrics.get("sites", []):
+        t = s.get("test") or {}
+        site_rows.append([s["site"], s["num_examples"], s["epsilon"] if cfg.privacy.enabled else None, s["delta"],
+                          s["budget_epsilon"], s["privacy_unit"], t.get("image_auroc"), t.get("pixel_auprc"),
+                          t.get("dice_best")])
+    refusals = [[r["round"], site, s.get("reason")] for r in rounds for site, s in r.get("sites", {}).items()
+                if s.get("status") != "ok"]
+    sections.append(
+        "<h2>Sites</h2>"
+        + _table(["site", "images / round", "ε", "δ", "ε budget", "privacy unit", "image AUROC", "pixel AUPRC",
+                  "best Dice"], site_rows)
+        + (("<h3>Refused rounds</h3>" + _table(["round", "site", "reason"], refusals)) if refusals else "")
+    )
+
+    results = "<h2>Test results</h2>" + _table(["scorer", *RESULT_KEYS], results_rows(metrics))
+    curves = (rounds[-1] if rounds else {}).get("curves")
+    if curves:
+        results += _img(figures.roc_pr_figure(
+            {"federated": _hist_to_scores(curves["image_pos"], curves["image_neg"])},
+            title="Image-level ROC and precision-recall (pooled over sites)"), "ROC and PR curves")
+    sections.append(results)
+    if reference is not None:
+        sections.append("<h2>Reconstructions and anomaly maps (synthetic reference slices)</h2>"
+                        + "".join(reference_figures(bundle, reference)))
+
+    threshold = metrics.get("threshold")
+    header = (
+        f"<h1>medae run {html.escape(str(metrics.get('run_id', '')))}</h1>"
+        f"<p>{len(rounds)} rounds · strategy {cfg.federation.strategy} · model {cfg.model.kind} "
+        f"{cfg.model.image_size}px · threshold {'–' if threshold is None else f'{threshold:.4g}'} "
+        f"({cfg.scoring.threshold_percentile:g}th percentile of pooled healthy validation scores) · "
+        f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>"
+        + (f"<p class=note>{html.escape(PRIVACY_NOTE.format(unit=cfg.privacy.unit, accountant=cfg.privacy.accountant))}</p>"
+           if cfg.privacy.enabled else "<p class=warn>Trained without differential privacy.</p>")
+    )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th:first-child,td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}"
+        ".note{background:#eef6ff;padding:.6em}.warn{background:#fff3cd;padding:.6em}"
+    )
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>medae report</title><style>{style}</style>"
+            f"</head><body>{header}{''.join(sections)}</body></html>")
+    path = Path(run_dir) / "report.html"
+    path.write_text(page)
+    return path

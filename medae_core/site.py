@@ -1,0 +1,231 @@
+"""What one site (hospital) does: load its data, train a round privately, evaluate.
+
+Used by `medae train-local` (one round, one site) and by the Flower ClientApp
+(one call per federated round). Nothing here knows about Flower: the caller
+passes weights in and gets weights, scalars and histogram counts out.
+
+Privacy flow of a round (see `SiteTrainer.train_round`):
+1. plan the steps (sample rate q = batch / units, steps = epochs / q);
+2. choose the noise multiplier: the configured one, or the smallest that keeps
+   everything already in the ledger plus the remaining planned rounds inside
+   the budget;
+3. reserve (σ, q, steps) in the ledger — this refuses the round if it would
+   overspend — and only then train.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medae_core import metrics, scoring
+from medae_core.config import DataConfig, RunConfig
+from medae_core.data import Scan, load_site, split_patients
+from medae_core.errors import DataError
+from medae_core.models import build_model
+from medae_core.privacy import PrivacyLedger, calibrate_noise
+from medae_core.training import (
+    evaluate_loss,
+    plan_training,
+    resolve_device,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteData:
+    """A site's images in memory, split by patient into train and validation."""
+
+    name: str
+    root: Path
+    train_images: np.ndarray  # [N,S,S] float32
+    train_patients: np.ndarray  # [N] patient position of each training image
+    val_images: np.ndarray
+    test: Scan | None
+    skipped: int  # files the loader could not use (reasons stay on site)
+
+    @property
+    def n_train_patients(self) -> int:
+        return int(len(np.unique(self.train_patients)))
+
+
+def load_site_data(root: str | Path, cfg: RunConfig, name: str | None = None) -> SiteData:
+    """Read and split a site folder. Cached per process: rounds reuse the scan."""
+    root = Path(root).resolve()
+    return _load_site_data_cached(root, cfg.data, cfg.model.image_size, cfg.train.seed, name or root.name)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: int, name: str) -> SiteData:
+    site = load_site(root, data, image_size)
+    scan = site.train
+    train_idx, val_idx = split_patients(scan, data.val_fraction, seed)
+    if len(val_idx) == 0:
+        # One patient only: validate on its images rather than not at all.
+        log.warning("site %s has a single patient; validation reuses training images", name)
+        val_idx = train_idx
+    skipped = len(scan.skipped) + (len(site.test.skipped) if site.test is not None else 0)
+    _, patients = np.unique(scan.patient_index[train_idx], return_inverse=True)
+    return SiteData(
+        name=name,
+        root=root,
+        train_images=scan.images[train_idx],
+        train_patients=patients.astype(np.int64),
+        val_images=scan.images[val_idx],
+        test=site.test,
+        skipped=skipped,
+    )
+
+
+@dataclass
+class RoundResult:
+    state_dict: dict[str, torch.Tensor]
+    loss: float
+    num_examples: int  # images seen in this round (weights FedAvg)
+    steps: int
+    noise_multiplier: float | None  # None: trained without DP
+    sample_rate: float
+    epsilon: float  # total spent by this site so far, this round included
+    delta: float
+    seconds: float
+    images_per_second: float
+
+
+@dataclass
+class EvalResult:
+    val_loss: float
+    num_val: int
+    healthy_scores: np.ndarray  # image scores of healthy validation images
+    test: dict = field(default_factory=dict)  # metrics when the site has labels
+    test_histograms: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class SiteTrainer:
+    """Trains and evaluates the shared model on one site's data."""
+
+    def __init__(self, data: SiteData, cfg: RunConfig, ledger: PrivacyLedger | None):
+        if cfg.privacy.enabled and ledger is None:
+            raise ValueError("differentially private training needs a privacy ledger")
+        self.data = data
+        self.cfg = cfg
+        self.ledger = ledger
+        self.device = resolve_device(cfg.train.device)
+
+    # -- training ------------------------------------------------------------
+    def units(self) -> tuple[np.ndarray, int]:
+        """Per-image unit index and unit count for the configured privacy unit."""
+        if self.cfg.privacy.unit == "patient":
+            return self.data.train_patients, self.data.n_train_patients
+        n = len(self.data.train_images)
+        return np.arange(n), n
+
+    def noise_for_round(self, sample_rate: float, steps: int, rounds_left: int) -> float:
+        """The configured σ, or the smallest σ that fits the remaining plan in the budget."""
+        p = self.cfg.privacy
+        if p.noise_multiplier is not None:
+            return p.noise_multiplier
+        return calibrate_noise(
+            p.budget_epsilon,
+            p.delta,
+            sample_rate,
+            steps * max(rounds_left, 1),
+            p.accountant,
+            already_spent_history=self.ledger.history,
+        )
+
+    def train_round(
+        self,
+        state_dict: dict[str, torch.Tensor] | None,
+        *,
+        run_id: str,
+        server_round: int,
+        rounds_left: int = 1,
+        proximal_mu: float = 0.0,
+        progress=None,
+    ) -> RoundResult:
+        cfg = self.cfg
+        unit_index, n_units = self.units()
+        plan = plan_training(n_units, cfg.train, cfg.train.epochs)
+        model = build_model(cfg.model, seed=cfg.train.seed)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        sigma, epsilon = None, 0.0
+        if cfg.privacy.enabled:
+            sigma = self.noise_for_round(plan.sample_rate, plan.steps, rounds_left)
+            self.ledger.reserve(
+                sigma, plan.sample_rate, plan.steps, run_id=run_id, round=server_round, unit=cfg.privacy.unit
+            )
+            epsilon = self.ledger.epsilon()
+        result = train(
+            model,
+            self.data.train_images,
+            unit_index,
+            plan,
+            cfg,
+            noise_multiplier=sigma,
+            device=self.device,
+            progress=progress,
+            proximal_mu=proximal_mu,
+            seed=cfg.train.seed + 1000 * server_round,
+        )
+        return RoundResult(
+            state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            loss=float(result.mean_loss),
+            num_examples=int(result.num_examples),
+            steps=int(result.steps_taken),
+            noise_multiplier=sigma,
+            sample_rate=float(plan.sample_rate),
+            epsilon=float(epsilon),
+            delta=float(cfg.privacy.delta),
+            seconds=float(result.seconds),
+            images_per_second=float(result.images_per_second),
+        )
+
+    # -- evaluation ----------------------------------------------------------
+    def evaluate(
+        self, state_dict: dict[str, torch.Tensor], threshold: float | None = None, with_test: bool = True
+    ) -> EvalResult:
+        model = build_model(self.cfg.model, seed=self.cfg.train.seed)
+        model.load_state_dict(state_dict)
+        model.to(self.device).eval()
+        val_loss = evaluate_loss(model, self.data.val_images, self.device, self.cfg.train.batch_size)
+        _, healthy = scoring.anomaly_maps(model, self.data.val_images, self.cfg.scoring, self.device)
+        result = EvalResult(val_loss=float(val_loss), num_val=len(self.data.val_images), healthy_scores=healthy)
+        test = self.data.test
+        if with_test and test is not None and test.labels is not None and (test.labels >= 0).any():
+            result.test, result.test_histograms = evaluate_test(model, test, self.cfg, self.device, threshold)
+        return result
+
+
+def evaluate_test(model, test: Scan, cfg: RunConfig, device, threshold: float | None):
+    """Exact metrics for this site, plus label-split histograms a server can pool."""
+    known = test.labels >= 0
+    images = test.images[known]
+    labels = test.labels[known]
+    masks = test.masks[known] if test.masks is not None else None
+    has_mask = test.has_mask[known] if test.has_mask is not None else np.zeros(len(images), bool)
+    maps, scores = scoring.anomaly_maps(model, images, cfg.scoring, device)
+    result = metrics.evaluate(maps, scores, labels, masks, has_mask, threshold)
+    histograms = {
+        "image-pos": scoring.score_histogram(scores[labels == 1]),
+        "image-neg": scoring.score_histogram(scores[labels == 0]),
+    }
+    if masks is not None and has_mask.any():
+        fg = scoring.foreground_mask(images[has_mask])
+        pix = maps[has_mask][fg]
+        gt = masks[has_mask][fg]
+        histograms["pixel-pos"] = scoring.score_histogram(pix[gt])
+        histograms["pixel-neg"] = scoring.score_histogram(pix[~gt])
+    return result, histograms
+
+
+def require_usable(data: SiteData) -> None:
+    if len(data.train_images) == 0:
+        raise DataError(f"site {data.name} has no usable training image in {data.root}")
