@@ -1,0 +1,500 @@
+"""Scan data folders into arrays, apply the site layout, split by patient.
+
+A `Scan` is everything one folder gave: the images at model size, where each
+came from, which patient it belongs to, and every file that was left out with
+the reason. Nothing is ever written into the scanned folder.
+
+Site layout (see the design notes)::
+
+    SITE/train/            healthy training images
+    SITE/test/             optional evaluation images
+    SITE/test/labels.csv   optional: path,label[,mask] relative to test/
+
+If ``train/`` is absent the whole site folder except ``test/`` is training data.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from medae_core.config import DataConfig
+from medae_core.data.readers import Slice, UnusableFile, file_format, read_file, read_mask, to_square
+from medae_core.errors import ConfigError, DataError, NoUsableImagesError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+LABELS_FILE = "labels.csv"
+LABEL_COLUMNS = ("path", "label", "mask")
+IN_LABELS = "listed in labels.csv but unusable"
+PARALLEL_MIN_FILES = 300  # fewer files are read in this process (see `_read_many`)
+MAX_WORKERS = 8
+
+
+@dataclass
+class ImageEntry:
+    path: str  # relative to the scanned root, POSIX style
+    frame: int | None  # frame / slice / page index; None for single images
+    patient: str
+    format: str = ""  # "dicom", "nifti" or "raster"
+
+
+@dataclass
+class Skipped:
+    path: str  # relative to the scanned root, POSIX style
+    reason: str
+
+
+@dataclass
+class Scan:
+    root: Path
+    images: np.ndarray  # [N, S, S] float32 in [0, 1]
+    entries: list[ImageEntry]
+    skipped: list[Skipped]
+    labels: np.ndarray | None  # int8 [N]: 1 anomalous, 0 healthy, -1 unknown; None without labels.csv
+    masks: np.ndarray | None  # bool [N, S, S]; all-False where no mask given; None if no mask at all
+    has_mask: np.ndarray | None  # bool [N]
+
+    @property
+    def patients(self) -> list[str]:
+        """Sorted unique patient keys."""
+        return sorted({e.patient for e in self.entries})
+
+    @property
+    def patient_index(self) -> np.ndarray:
+        """int [N]: position of each image's patient in `patients`."""
+        position = {p: i for i, p in enumerate(self.patients)}
+        return np.array([position[e.patient] for e in self.entries], dtype=np.int64)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return count_reasons(self.skipped)
+
+
+@dataclass
+class Site:
+    root: Path
+    train: Scan
+    test: Scan | None
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    label: int
+    mask: str | None  # relative to the scanned root
+    line: int
+
+
+def count_reasons(skipped: Iterable[Skipped]) -> dict[str, int]:
+    """Skip reasons grouped on the part before the first ': ', most frequent first."""
+    counts = Counter(s.reason.split(": ", 1)[0] for s in skipped)
+    return dict(counts.most_common())
+
+
+# -- listing ---------------------------------------------------------------------
+def _list_files(root: Path, exclude: Iterable[str] = ()) -> tuple[list[str], list[Skipped]]:
+    """Relative POSIX paths of all files under ``root``, sorted, plus folders left out.
+
+    Symbolic links are followed (read-only); each real folder is visited once,
+    so link cycles end. Hidden folders (``.git``, ``.cache``) are not entered.
+    """
+    files, skipped, seen = [], [], set()
+    excluded = {root / e for e in exclude}
+
+    def unreadable(err: OSError) -> None:
+        skipped.append(Skipped(_rel(Path(err.filename or root), root) + "/", "folder not readable"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        here = Path(dirpath)
+        real = os.path.realpath(here)
+        if here in excluded or real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for name in [d for d in dirnames if d.startswith(".")]:
+            skipped.append(Skipped(_rel(here / name, root) + "/", "hidden folder, not scanned"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(_rel(here / f, root) for f in filenames)
+    return sorted(files), skipped
+
+
+def _rel(path: Path, root: Path) -> str:
+    return PurePosixPath(*path.relative_to(root).parts).as_posix()
+
+
+# -- labels.csv ------------------------------------------------------------------
+def read_labels(csv_path: Path, root: Path) -> dict[str, LabelRow]:
+    """Parse ``labels.csv`` (``path,label[,mask]``) into rows keyed by path relative to ``root``.
+
+    Paths in the file are relative to the folder holding it. Any malformed
+    header or row raises DataError naming the file and line.
+    """
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            lines = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: cannot be read as CSV ({exc})") from None
+    header = [h.strip().lower() for h in lines[0]] if lines else []
+    if header not in (list(LABEL_COLUMNS[:2]), list(LABEL_COLUMNS)):
+        found = ",".join(header)
+        raise DataError(f"{csv_path}, line 1: header must be 'path,label' or 'path,label,mask'; found {found!r}")
+    rows: dict[str, LabelRow] = {}
+    for number, values in enumerate(lines[1:], start=2):
+        if not any(v.strip() for v in values):
+            continue
+        path, row = _label_row(values, len(header), csv_path, root, number)
+        if path in rows:
+            raise DataError(f"{csv_path}, line {number}: {path!r} is listed twice (first on line {rows[path].line})")
+        rows[path] = row
+    return rows
+
+
+def _label_row(values: list[str], width: int, csv_path: Path, root: Path, number: int) -> tuple[str, LabelRow]:
+    where = f"{csv_path}, line {number}"
+    values = [v.strip() for v in values] + [""] * (width - len(values))
+    if len(values) > width:
+        raise DataError(f"{where}: expected {width} columns, found {len(values)}")
+    if values[1] not in ("0", "1"):
+        raise DataError(f"{where}: label must be 0 (healthy) or 1 (anomalous); found {values[1]!r}")
+    path = _label_path(values[0], csv_path, root, where)
+    mask = _label_path(values[2], csv_path, root, where) if width == 3 and values[2] else None
+    return path, LabelRow(int(values[1]), mask, number)
+
+
+def _label_path(value: str, csv_path: Path, root: Path, where: str) -> str:
+    """A path from labels.csv as a POSIX path relative to ``root``; must stay inside it."""
+    if not value:
+        raise DataError(f"{where}: empty path")
+    relative = PurePosixPath(value.replace("\\", "/"))
+    full = Path(os.path.normpath(csv_path.parent / relative))
+    if relative.is_absolute() or not full.is_relative_to(root):
+        raise DataError(f"{where}: {value!r} must be a path inside {csv_path.parent}")
+    return _rel(full, root)
+
+
+# -- scanning --------------------------------------------------------------------
+def scan_folder(
+    root: str | Path,
+    data: DataConfig,
+    image_size: int,
+    *,
+    labels_csv: Path | None = None,
+    exclude: Iterable[str] = (),
+    progress: Progress | None = None,
+) -> Scan:
+    """Read every file under ``root`` (sorted, so the result is deterministic).
+
+    ``labels_csv`` attaches labels and masks (see `read_labels`); the CSV and
+    the masks it names are not images. ``exclude`` names subfolders to leave out.
+    Unusable files end up in ``Scan.skipped``; only a malformed labels.csv
+    (DataError) or an invalid intensity setting (ConfigError) raise.
+    ``progress(done, total)`` is called after each file.
+    """
+    root = Path(os.path.normpath(Path(root).absolute()))
+    files, skipped = _list_files(root, exclude)
+    return _scan_files(root, files, skipped, data, image_size, labels_csv, progress)
+
+
+def _scan_files(
+    root: Path,
+    files: list[str],
+    skipped: list[Skipped],
+    data: DataConfig,
+    image_size: int,
+    labels_csv: Path | None,
+    progress: Progress | None,
+) -> Scan:
+    labels = read_labels(labels_csv, root) if labels_csv is not None else None
+    owned = _owned_files(root, labels_csv, labels)
+    builder = _ScanBuilder(root, image_size, labels)
+    results = _read_many(root, [rel for rel in files if rel not in owned], data, image_size)
+    for done, rel in enumerate(files, start=1):
+        if rel not in owned:
+            builder.add(rel, next(results))
+        if progress is not None:
+            progress(done, len(files))
+    builder.add_missing_labelled(set(files))
+    return builder.build(skipped)
+
+
+@dataclass
+class _FileRead:
+    """One file's outcome, small enough to send back from a worker process."""
+
+    reason: str | None = None  # why the file is unusable; None when it gave slices
+    slices: list[Slice] = field(default_factory=list)  # images already at model size
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # each slice's size in the file
+    format: str = ""
+
+
+def _read_sized(path: Path, rel: str, data: DataConfig, size: int) -> _FileRead:
+    try:
+        slices = _read_checked(path, rel, data)
+    except UnusableFile as exc:
+        return _FileRead(reason=exc.reason)
+    return _FileRead(
+        slices=[replace(s, image=to_square(s.image, size)) for s in slices],
+        shapes=[s.image.shape for s in slices],
+        format=file_format(path),
+    )
+
+
+def _read_many(root: Path, rels: list[str], data: DataConfig, size: int) -> Iterator[_FileRead]:
+    """Read files in order; in worker processes when there are many and several CPUs.
+
+    pydicom parses a few ms per file, so thousands of files take one core tens
+    of seconds. Workers are spawned (not forked: the caller may hold torch
+    threads) and cost about a second to start, hence only for large folders.
+    """
+    args = [(root / rel, rel, data, size) for rel in rels]
+    workers = min(_cpu_count(), MAX_WORKERS)
+    if len(args) < PARALLEL_MIN_FILES or workers < 2:
+        return (_read_sized(*a) for a in args)
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    except (OSError, NotImplementedError) as exc:
+        log.debug("reading without worker processes: %s", exc)
+        return (_read_sized(*a) for a in args)
+    return _pooled(pool, args)
+
+
+def _pooled(pool: ProcessPoolExecutor, args: list[tuple]) -> Iterator[_FileRead]:
+    try:
+        yield from pool.map(_read_sized, *zip(*args), chunksize=16)
+    finally:  # on an error (e.g. a ConfigError from a worker) do not read the rest
+        pool.shutdown(cancel_futures=True)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _owned_files(root: Path, labels_csv: Path | None, labels: dict[str, LabelRow] | None) -> set[str]:
+    """Files that belong to the layout: labels.csv itself and the masks it names."""
+    if labels_csv is None or labels is None:
+        return set()
+    owned = {row.mask for row in labels.values() if row.mask}
+    if labels_csv.absolute().is_relative_to(root):
+        owned.add(_rel(labels_csv.absolute(), root))
+    return owned
+
+
+class _ScanBuilder:
+    """Collects slices, entries, labels and masks while files are read."""
+
+    def __init__(self, root: Path, image_size: int, labels: dict[str, LabelRow] | None):
+        self.root, self.size, self.labels = root, image_size, labels
+        self.images: list[np.ndarray] = []
+        self.entries: list[ImageEntry] = []
+        self.label_values: list[int] = []
+        self.masks: list[np.ndarray | None] = []
+        self.skipped: list[Skipped] = []
+
+    def add(self, rel: str, read: _FileRead) -> None:
+        row = self.labels.get(rel) if self.labels else None
+        if read.reason is not None:
+            self.skipped.append(Skipped(rel, f"{IN_LABELS}: {read.reason}" if row else read.reason))
+            return
+        masks = self._masks_for(row, read) if row and row.mask else None
+        for i, s in enumerate(read.slices):
+            self.images.append(s.image)
+            self.entries.append(ImageEntry(rel, s.frame, s.patient, read.format))
+            self.label_values.append(row.label if row else -1)
+            self.masks.append(to_square(masks[i], self.size) if masks else None)
+
+    def _masks_for(self, row: LabelRow, read: _FileRead) -> list[np.ndarray] | None:
+        """The mask frame for each slice, or None (and a skip entry) when unusable.
+
+        A mask file that does not exist is reported by `add_missing_labelled`.
+        """
+        if not (self.root / row.mask).is_file():
+            return None
+        try:
+            frames = read_mask(self.root / row.mask)
+            if any((s.frame or 0) >= len(frames) for s in read.slices):
+                raise UnusableFile(f"mask has {len(frames)} frame(s), fewer than the image")
+            masks = [frames[s.frame or 0] for s in read.slices]
+            for m, shape in zip(masks, read.shapes):
+                if m.shape != shape:
+                    raise UnusableFile(f"mask size {m.shape} differs from image size {shape}")
+        except UnusableFile as exc:
+            self.skipped.append(Skipped(row.mask, f"{IN_LABELS}: mask: {exc.reason}"))
+            return None
+        return masks
+
+    def add_missing_labelled(self, present: set[str]) -> None:
+        for path, row in (self.labels or {}).items():
+            if path not in present:
+                self.skipped.append(Skipped(path, f"{IN_LABELS}: file not found (line {row.line})"))
+            if row.mask and row.mask not in present:
+                self.skipped.append(Skipped(row.mask, f"{IN_LABELS}: mask file not found (line {row.line})"))
+
+    def build(self, listing_skips: list[Skipped]) -> Scan:
+        n, s = len(self.images), self.size
+        images = np.stack(self.images) if n else np.zeros((0, s, s), np.float32)
+        labels = np.array(self.label_values, dtype=np.int8) if self.labels is not None else None
+        masks = has_mask = None
+        if any(m is not None for m in self.masks):
+            has_mask = np.array([m is not None for m in self.masks], dtype=bool)
+            masks = np.stack([m if m is not None else np.zeros((s, s), bool) for m in self.masks])
+        skipped = sorted(listing_skips + self.skipped, key=lambda k: k.path)
+        return Scan(self.root, images, self.entries, skipped, labels, masks, has_mask)
+
+
+def _read_checked(path: Path, rel: str, data: DataConfig) -> list[Slice]:
+    """`read_file` for plain files only; links that lead nowhere, FIFOs or empty files are reasons."""
+    if not path.exists():
+        raise UnusableFile("broken link" if path.is_symlink() else "file vanished during the scan")
+    if not path.is_file():
+        raise UnusableFile("not a regular file")
+    if path.stat().st_size == 0:
+        raise UnusableFile("empty file")
+    try:
+        return read_file(path, rel, data)
+    except (UnusableFile, ConfigError):
+        raise
+    except PermissionError:
+        raise UnusableFile("file not readable (permission denied)") from None
+    except Exception as exc:  # a reader bug or an exotic file must not stop the scan
+        log.warning("%s: unexpected error while reading", rel, exc_info=True)
+        raise UnusableFile(f"unexpected error: {type(exc).__name__}: {exc}") from None
+
+
+# -- site layout -----------------------------------------------------------------
+def load_site(root: str | Path, data: DataConfig, image_size: int, progress: Progress | None = None) -> Site:
+    """Scan a site folder (train/ and optional test/); raise if training has no usable image."""
+    site = _read_site(Path(root), data, image_size, progress)
+    if len(site.train.entries) == 0:
+        raise NoUsableImagesError(_no_images_message(site.train))
+    return site
+
+
+def _read_site(root: Path, data: DataConfig, image_size: int, progress: Progress | None) -> Site:
+    """Both parts of a site, listed first so that progress counts over all files."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    root = Path(os.path.normpath(root.absolute()))
+    train_dir, test_dir = root / "train", root / "test"
+    has_test = test_dir.is_dir()
+    if train_dir.is_dir():
+        _warn_ignored(root)
+        train_root, train_listing = train_dir, _list_files(train_dir)
+    else:
+        train_root, train_listing = root, _list_files(root, exclude=["test"] if has_test else [])
+    test_listing = _list_files(test_dir) if has_test else ([], [])
+    total = len(train_listing[0]) + len(test_listing[0])
+    train = _scan_files(train_root, *train_listing, data, image_size, None, _offset(progress, 0, total))
+    test = None
+    if has_test:
+        labels = test_dir / LABELS_FILE
+        labels_csv = labels if labels.is_file() else None
+        test_progress = _offset(progress, len(train_listing[0]), total)
+        test = _scan_files(test_dir, *test_listing, data, image_size, labels_csv, test_progress)
+    return Site(root, train, test)
+
+
+def _offset(progress: Progress | None, offset: int, total: int) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda done, _: progress(offset + done, total)
+
+
+def _warn_ignored(root: Path) -> None:
+    ignored = sorted(p.name for p in root.iterdir() if p.name not in ("train", "test") and not p.name.startswith("."))
+    if ignored:
+        log.warning("%s has a train/ folder; these entries beside it are not used: %s", root, ", ".join(ignored))
+
+
+def _no_images_message(scan: Scan) -> str:
+    if not scan.skipped:
+        return f"No usable image in {scan.root}: the folder holds no files."
+    reasons = "; ".join(f"{reason} ({n})" for reason, n in list(scan.skipped_by_reason().items())[:3])
+    return (
+        f"No usable image in {scan.root}: all {len(scan.skipped)} file(s) were skipped. "
+        f"Most common reasons: {reasons}. Run `medae check-data {scan.root}` for the full list."
+    )
+
+
+# -- splitting ---------------------------------------------------------------------
+def split_patients(scan: Scan, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image indices (train, validation), split by patient so no patient is on both sides.
+
+    With two or more patients at least one (and at most all but one) is held
+    out; the same seed and scan always give the same split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1); got {val_fraction}")
+    n = len(scan.patients)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if n >= 2 else 0
+    if n < 2:
+        log.warning("%s has %d patient(s); no validation split is possible", scan.root, n)
+    val_patients = np.random.default_rng(seed).permutation(n)[:n_val]
+    is_val = np.isin(scan.patient_index, val_patients)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# -- check-data --------------------------------------------------------------------
+def check_data(root: str | Path, data: DataConfig, image_size: int = 64, progress: Progress | None = None) -> dict:
+    """What `medae check-data` reports: usable images, patients and every skipped file.
+
+    JSON-ready. Skipped paths are relative to ``root``. Does not raise when
+    nothing is usable (``usable_images`` is then 0); raises DataError only for
+    a missing folder or a malformed labels.csv.
+    """
+    root = Path(root)
+    site = _read_site(root, data, image_size, progress)
+    is_site = (site.root / "train").is_dir() or (site.root / "test").is_dir()
+    parts = {"train": site.train} | ({"test": site.test} if site.test is not None else {})
+    skipped = [
+        {"path": _under(_rel(scan.root, site.root), s.path), "reason": s.reason}
+        for scan in parts.values()
+        for s in scan.skipped
+    ]
+    entries = [e for scan in parts.values() for e in scan.entries]
+    return {
+        "root": str(site.root),
+        "layout": "site" if is_site else "flat",
+        "usable_images": len(entries),
+        "patients": len({p for scan in parts.values() for p in scan.patients}),
+        "by_format": _by_format(entries),
+        "skipped_by_reason": count_reasons(Skipped(**s) for s in skipped),
+        "skipped": skipped,
+        "parts": {name: _part_summary(scan) for name, scan in parts.items()},
+    }
+
+
+def _under(folder: str, path: str) -> str:
+    return path if folder in ("", ".") else f"{folder}/{path}"
+
+
+def _by_format(entries: list[ImageEntry]) -> dict[str, int]:
+    """Usable images per format ("dicom", "nifti", "raster")."""
+    return dict(sorted(Counter(e.format for e in entries).items()))
+
+
+def _part_summary(scan: Scan) -> dict[str, int]:
+    summary = {
+        "usable_images": len(scan.entries),
+        "patients": len(scan.patients),
+        "files_skipped": len(scan.skipped),
+    }
+    if scan.labels is not None:
+        summary |= {
+            "anomalous": int((scan.labels == 1).sum()),
+            "healthy": int((scan.labels == 0).sum()),
+            "unlabelled": int((scan.labels == -1).sum()),
+            "with_mask": int(scan.has_mask.sum()) if scan.has_mask is not None else 0,
+        }
+    return summary

@@ -1,0 +1,369 @@
+"""Privacy accounting, noise calibration and the per-site privacy ledger."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from medae_core.errors import BudgetExceededError, LedgerError, PrivacyError
+from medae_core.privacy import (
+    PrivacyLedger,
+    calibrate_noise,
+    check_ledger_location,
+    compute_epsilon,
+    default_ledger_path,
+    describe,
+)
+
+DELTA = 1e-5
+Q = 0.05
+SITE = "st-marys"
+
+
+def open_ledger(path: Path, **overrides) -> PrivacyLedger:
+    args = dict(site=SITE, budget_epsilon=4.0, delta=DELTA, accountant="rdp", create=True)
+    args.update(overrides)
+    return PrivacyLedger.open(path, **args)
+
+
+def reserve(ledger: PrivacyLedger, sigma: float = 1.5, steps: int = 100, round: int = 1, unit: str = "patient"):
+    return ledger.reserve(sigma, Q, steps, run_id="run-1", round=round, unit=unit)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir()) if p.is_file()}
+
+
+# -- compute_epsilon --------------------------------------------------------------
+def test_compute_epsilon_matches_opacus_rdp_accountant_stepped_step_by_step():
+    accountant = RDPAccountant()
+    for sigma, q, steps in [(1.1, Q, 30), (0.9, 0.1, 20), (1.1, Q, 10)]:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+    ours = compute_epsilon([(1.1, Q, 30), (0.9, 0.1, 20), (1.1, Q, 10)], DELTA, "rdp")
+    assert ours == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-9)
+
+
+def test_empty_history_spends_nothing():
+    assert compute_epsilon([], DELTA, "rdp") == 0.0
+    assert compute_epsilon([], DELTA, "prv") == 0.0
+    assert compute_epsilon([(1.0, Q, 0)], DELTA, "rdp") == 0.0
+
+
+def test_epsilon_grows_with_every_entry():
+    history = [(1.2, Q, 50), (0.9, Q, 50), (2.0, 0.1, 20), (1.2, Q, 1)]
+    rdp = [compute_epsilon(history[:n], DELTA, "rdp") for n in range(len(history) + 1)]
+    assert all(a < b for a, b in zip(rdp, rdp[1:]))
+    prv = [compute_epsilon([(1.0, Q, 100)] * n, DELTA, "prv") for n in range(1, 4)]
+    assert prv[0] < prv[1] < prv[2]
+
+
+def test_prv_reports_opacus_upper_bound_not_its_estimate():
+    history = [(1.0, Q, 200)]
+    ours = compute_epsilon(history, DELTA, "prv")
+    accountant = PRVAccountant()
+    accountant.history = history
+    dprv = accountant._get_dprv(eps_error=0.01, delta_error=DELTA / 1000)
+    lower, estimate, upper = dprv.compute_epsilon(DELTA, DELTA / 1000, 0.01)
+    assert ours == pytest.approx(upper)
+    assert ours >= estimate + 0.009  # the bound includes eps_error on top of the estimate
+    # PRV is tighter than RDP, but never below its own lower bound.
+    assert lower <= ours <= compute_epsilon(history, DELTA, "rdp")
+
+
+def test_prv_falls_back_to_rdp_when_the_numerical_accountant_fails(monkeypatch):
+    def broken(self, delta, **kwargs):
+        raise RuntimeError("Cannot compute epsilon")
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", broken)
+    history = [(1.0, Q, 100)]
+    assert compute_epsilon(history, DELTA, "prv") == compute_epsilon(history, DELTA, "rdp")
+
+
+def test_compute_epsilon_rejects_invalid_history():
+    with pytest.raises(PrivacyError, match="noise multiplier"):
+        compute_epsilon([(0.0, Q, 10)], DELTA)
+    with pytest.raises(PrivacyError, match="sample rate"):
+        compute_epsilon([(1.0, 1.5, 10)], DELTA)
+    with pytest.raises(PrivacyError, match="accountant"):
+        compute_epsilon([(1.0, Q, 10)], DELTA, "gdp")
+
+
+# -- calibrate_noise ----------------------------------------------------------------
+def test_calibrated_noise_stays_within_budget_and_is_nearly_tight():
+    sigma = calibrate_noise(4.0, DELTA, Q, 200, "rdp")
+    eps = compute_epsilon([(sigma, Q, 200)], DELTA, "rdp")
+    assert 0.98 * 4.0 <= eps <= 4.0
+    opacus_sigma = get_noise_multiplier(target_epsilon=4.0, target_delta=DELTA, sample_rate=Q, steps=200)
+    assert sigma == pytest.approx(opacus_sigma, rel=0.01)
+
+
+def test_calibrated_noise_with_prv_stays_within_budget():
+    sigma = calibrate_noise(4.0, DELTA, Q, 200, "prv")
+    eps = compute_epsilon([(sigma, Q, 200)], DELTA, "prv")
+    assert 0.98 * 4.0 <= eps <= 4.0
+
+
+def test_prior_history_needs_more_noise_for_the_same_run():
+    prior = [(1.5, Q, 200)]
+    fresh = calibrate_noise(4.0, DELTA, Q, 200, "rdp")
+    after = calibrate_noise(4.0, DELTA, Q, 200, "rdp", already_spent_history=prior)
+    assert after > fresh
+    eps = compute_epsilon(prior + [(after, Q, 200)], DELTA, "rdp")
+    assert 0.98 * 4.0 <= eps <= 4.0
+
+
+def test_calibration_refuses_a_budget_already_spent():
+    with pytest.raises(BudgetExceededError, match=r"used up: ε=\S+ already spent of ε=1"):
+        calibrate_noise(1.0, DELTA, Q, 100, "rdp", already_spent_history=[(0.8, Q, 500)])
+
+
+def test_calibration_refuses_a_remainder_too_small_for_any_noise():
+    prior = [(1.0, Q, 200)]
+    spent = compute_epsilon(prior, DELTA, "rdp")
+    with pytest.raises(BudgetExceededError, match="even noise multiplier"):
+        calibrate_noise(spent + 1e-7, DELTA, 1.0, 10**6, "rdp", already_spent_history=prior)
+
+
+# -- the ledger -----------------------------------------------------------------------
+def test_reserve_appends_and_epsilon_continues_after_reopening(tmp_path):
+    path = tmp_path / "ledgers" / "site.jsonl"
+    ledger = open_ledger(path)
+    assert ledger.epsilon() == 0.0 and ledger.remaining() == 4.0
+    first = reserve(ledger, sigma=1.5, round=1)
+    assert first["status"] == "reserved" and first["seq"] == 1 and first["unit"] == "patient"
+    assert first["time"].endswith("+00:00")
+    reserve(ledger, sigma=1.6, round=2)
+    spent = ledger.epsilon()
+    assert spent == pytest.approx(compute_epsilon([(1.5, Q, 100), (1.6, Q, 100)], DELTA, "rdp"))
+
+    restarted = PrivacyLedger.open(path, site=SITE, budget_epsilon=4.0, delta=DELTA, accountant="rdp")
+    assert restarted.history == [(1.5, Q, 100), (1.6, Q, 100)]
+    assert restarted.epsilon() == pytest.approx(spent)
+    reserve(restarted, sigma=1.5, round=3)
+    assert restarted.epsilon() > spent
+    assert ledger.epsilon() == pytest.approx(restarted.epsilon())  # every view re-reads the file
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [0, 1, 2, 3]
+    assert json.loads(lines[0])["kind"] == "header"
+
+
+def test_overspending_reservation_raises_and_leaves_ledger_unchanged(tmp_path):
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path, budget_epsilon=1.0)
+    reserve(ledger, sigma=3.0, steps=100)
+    before = snapshot(path)
+    with pytest.raises(BudgetExceededError) as info:
+        reserve(ledger, sigma=0.8, steps=500, round=2)
+    message = str(info.value)
+    assert SITE in message and "budget of ε=1" in message
+    assert f"already spent ε={ledger.epsilon():.4g}" in message
+    assert snapshot(path) == before
+    with pytest.raises(BudgetExceededError):
+        ledger.check(0.8, Q, 500)
+
+
+def test_check_projects_epsilon_without_writing(tmp_path):
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path)
+    before = snapshot(path)
+    assert ledger.check(1.5, Q, 100) == pytest.approx(compute_epsilon([(1.5, Q, 100)], DELTA))
+    assert snapshot(path) == before
+
+
+def test_ledger_calibration_fits_the_remaining_budget(tmp_path):
+    ledger = open_ledger(tmp_path / "site.jsonl")
+    reserve(ledger, sigma=1.5, steps=200)
+    sigma = ledger.calibrate(Q, 200)
+    reserve(ledger, sigma=sigma, steps=200, round=2)
+    assert 0.98 * 4.0 <= ledger.epsilon() <= 4.0
+
+
+def test_edited_number_is_detected(tmp_path):
+    path = tmp_path / "site.jsonl"
+    reserve(open_ledger(path), sigma=1.5)
+    path.write_text(path.read_text().replace('"noise_multiplier":1.5', '"noise_multiplier":9.5'))
+    with pytest.raises(LedgerError, match="does not match its hash") as info:
+        PrivacyLedger.open(path)
+    assert str(path) in str(info.value) and "reset-ledger" in str(info.value)
+
+
+def test_last_line_cut_in_half_is_detected(tmp_path):
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path)
+    reserve(ledger)
+    reserve(ledger, round=2)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - len(data.splitlines()[-1]) // 2])
+    with pytest.raises(LedgerError, match="incomplete"):
+        PrivacyLedger.open(path)
+    with pytest.raises(LedgerError):  # an already open ledger notices too
+        ledger.epsilon()
+
+
+def test_whole_entries_removed_from_the_end_are_detected(tmp_path):
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path)
+    reserve(ledger)
+    reserve(ledger, round=2)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))  # a valid chain, one entry short
+    with pytest.raises(LedgerError, match="removed from its end"):
+        PrivacyLedger.open(path, create=True)
+
+
+def test_deleted_ledger_of_a_site_that_trained_is_detected(tmp_path):
+    path = tmp_path / "site.jsonl"
+    reserve(open_ledger(path))
+    path.unlink()
+    with pytest.raises(LedgerError, match="missing") as info:
+        open_ledger(path, create=True)
+    assert "reset-ledger" in str(info.value)
+
+
+def test_missing_ledger_is_only_created_when_asked(tmp_path):
+    path = tmp_path / "site.jsonl"
+    with pytest.raises(LedgerError, match="no privacy ledger"):
+        PrivacyLedger.open(path, site=SITE)
+    assert not path.exists()
+    with pytest.raises(PrivacyError, match="needs budget_epsilon"):
+        PrivacyLedger.open(path, site=SITE, delta=DELTA, accountant="rdp", create=True)
+
+
+def test_reset_moves_the_file_aside_and_carries_verified_entries_over(tmp_path):
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path)
+    reserve(ledger, sigma=1.5, round=1)
+    kept = ledger.epsilon()
+    reserve(ledger, sigma=1.6, round=2)
+    broken = path.read_bytes()[:-20]
+    path.write_bytes(broken)
+
+    with pytest.raises(PrivacyError, match="confirm"):
+        PrivacyLedger.reset(path, confirm=False)
+    assert path.read_bytes() == broken
+
+    summary = PrivacyLedger.reset(path, confirm=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("site.jsonl.corrupt-") and not p.name.endswith(".head")]
+    assert len(aside) == 1 and aside[0].read_bytes() == broken
+    assert summary["carried_over"] == 1 and summary["epsilon_carried_over"] == pytest.approx(kept)
+
+    fresh = open_ledger(path, create=False)
+    assert fresh.history == [(1.5, Q, 100)] and fresh.epsilon() == pytest.approx(kept)
+    assert fresh.entries[0]["status"] == "carried-over"
+    reserve(fresh, sigma=1.6, round=2)
+    assert fresh.epsilon() > kept
+
+
+def test_reset_after_deletion_lets_a_fresh_ledger_start(tmp_path):
+    path = tmp_path / "site.jsonl"
+    reserve(open_ledger(path))
+    path.unlink()
+    PrivacyLedger.reset(path, confirm=True)
+    assert open_ledger(path).epsilon() == 0.0
+
+
+def test_open_refuses_a_ledger_made_for_other_settings(tmp_path):
+    path = tmp_path / "site.jsonl"
+    open_ledger(path)
+    with pytest.raises(PrivacyError, match="belongs to site"):
+        open_ledger(path, site="other-hospital")
+    with pytest.raises(PrivacyError, match="budget of ε=4"):
+        open_ledger(path, budget_epsilon=8.0)
+    with pytest.raises(PrivacyError, match="δ"):
+        open_ledger(path, delta=1e-6)
+    with pytest.raises(PrivacyError, match="accountant"):
+        open_ledger(path, accountant="prv")
+
+
+def test_set_budget_is_recorded_in_the_chain(tmp_path):
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path)
+    with pytest.raises(PrivacyError, match="confirm"):
+        ledger.set_budget(6.0, confirm=False)
+    ledger.set_budget(6.0, confirm=True, reason="ethics board approval 2026-11")
+    reopened = open_ledger(path, budget_epsilon=6.0, create=False)
+    assert reopened.budget_epsilon == 6.0 and reopened.header["budget_epsilon"] == 4.0
+    with pytest.raises(PrivacyError):
+        open_ledger(path, budget_epsilon=4.0)
+
+
+def test_privacy_units_cannot_be_mixed(tmp_path):
+    ledger = open_ledger(tmp_path / "site.jsonl")
+    reserve(ledger, unit="patient")
+    with pytest.raises(PrivacyError, match="per patient"):
+        reserve(ledger, unit="image", round=2)
+
+
+def test_concurrent_reservations_are_all_recorded_in_one_chain(tmp_path):
+    path = tmp_path / "site.jsonl"
+    open_ledger(path, budget_epsilon=100.0)
+    errors = []
+
+    def worker(n: int) -> None:
+        try:
+            ledger = PrivacyLedger.open(path)  # its own object, file handles and locks
+            for r in range(3):
+                ledger.reserve(5.0, Q, 10, run_id=f"w{n}", round=r, unit="image")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ledger = PrivacyLedger.open(path)
+    assert [e["seq"] for e in ledger.entries] == list(range(1, 13))
+    assert ledger.epsilon() == pytest.approx(compute_epsilon([(5.0, Q, 120)], DELTA))
+
+
+def test_describe_is_a_json_ready_summary(tmp_path):
+    ledger = open_ledger(tmp_path / "site.jsonl")
+    reserve(ledger, round=1)
+    reserve(ledger, round=2)
+    summary = json.loads(json.dumps(describe(ledger)))
+    assert summary["site"] == SITE and summary["budget_epsilon"] == 4.0 and summary["accountant"] == "rdp"
+    assert summary["epsilon_spent"] == pytest.approx(ledger.epsilon())
+    assert summary["remaining_epsilon"] == pytest.approx(4.0 - ledger.epsilon())
+    assert summary["rounds"] == 2 and summary["steps"] == 200 and len(summary["entries"]) == 2
+
+
+# -- where ledgers live -------------------------------------------------------------------
+def test_ledger_inside_the_data_folder_is_refused(tmp_path):
+    data = tmp_path / "hospital" / "data"
+    data.mkdir(parents=True)
+    with pytest.raises(PrivacyError, match="inside the data folder"):
+        check_ledger_location(data / "ledger.jsonl", data)
+    with pytest.raises(PrivacyError):
+        check_ledger_location(tmp_path / "hospital" / "x" / ".." / "data" / "train" / "l.jsonl", data)
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    with pytest.raises(PrivacyError):
+        check_ledger_location(link / "ledger.jsonl", data)
+    check_ledger_location(tmp_path / "hospital" / "ledger.jsonl", data)  # beside it is fine
+    check_ledger_location(tmp_path / "hospital" / "data-ledgers" / "l.jsonl", data)
+
+
+def test_default_ledger_path_honours_medae_home_and_makes_names_safe(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDAE_HOME", str(tmp_path))
+    assert default_ledger_path("site-1") == tmp_path / "ledgers" / "site-1.jsonl"
+    odd, plain = default_ledger_path("../a/b"), default_ledger_path("a_b")
+    assert odd.parent == tmp_path / "ledgers" and odd != plain
+    monkeypatch.delenv("MEDAE_HOME")
+    assert default_ledger_path("site-1").parts[-2:] == ("ledgers", "site-1.jsonl")
+
+
+def test_reserve_accepts_numpy_scalars_and_stores_plain_numbers(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path)
+    ledger.reserve(np.float32(1.5), np.float64(Q), np.int64(100), run_id="r", round=np.int64(1), unit="image")
+    assert PrivacyLedger.open(path).history == [(1.5, Q, 100)]
