@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from medae_core.config import RunConfig
-from medae_core.errors import BudgetExceededError, DataError, LedgerError
+from medae_core.errors import BudgetExceededError, DataError, LedgerError, PrivacyError
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.scoring import score_histogram
 from medae_core.site import SiteTrainer, load_site_data
@@ -190,6 +190,10 @@ def _guarded(msg: Message, context: Context, handler) -> Message:
     except LedgerError:
         log.exception("site %s: privacy ledger problem", site)
         reason = "privacy ledger missing or corrupted; an administrator must check it (details in the site's log)"
+        return Message(Error(LEDGER_PROBLEM, f"site {site} cannot train: {reason}"), reply_to=msg)
+    except PrivacyError:
+        log.exception("site %s: privacy settings problem", site)
+        reason = "the run's privacy settings conflict with the site's ledger (details in the site's log)"
         return Message(Error(LEDGER_PROBLEM, f"site {site} cannot train: {reason}"), reply_to=msg)
     except DataError:
         log.exception("site %s: data problem", site)

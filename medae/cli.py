@@ -237,8 +237,25 @@ def cmd_privacy_reset(args) -> int:
         console.print("[red]refusing: resetting a ledger forgets privacy already spent. "
                       "Pass --yes if an administrator has verified this.[/red]")
         return 2
-    moved = PrivacyLedger.reset(args.path, confirm=True)
-    out.print(f"ledger moved aside to {moved}; the site starts a new ledger on its next round")
+    result = PrivacyLedger.reset(args.path, confirm=True)
+    out.print(f"ledger moved aside to {result['moved']}")
+    if result.get("carried_over"):
+        out.print(f"{result['carried_over']} verified entries (ε = {result['epsilon_carried_over']:.3f}) "
+                  f"carried over into the new ledger at {result['path']}")
+    else:
+        out.print("nothing could be verified and carried over: the site starts a new ledger on its next round")
+    return 0
+
+
+def cmd_privacy_set_budget(args) -> int:
+    from medae_core.privacy import PrivacyLedger
+
+    if not args.yes:
+        console.print("[red]refusing: changing a site's committed budget needs --yes and a --reason[/red]")
+        return 2
+    ledger = PrivacyLedger.open(args.path)
+    ledger.set_budget(args.epsilon, confirm=True, reason=args.reason)
+    out.print(f"budget of {ledger.site} set to ε = {args.epsilon:g} (spent so far: {ledger.epsilon():.3f})")
     return 0
 
 
@@ -316,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", type=Path)
     q.add_argument("--yes", action="store_true")
     q.set_defaults(func=cmd_privacy_reset)
+    q = psub.add_parser("set-budget", help="administrators only: change a site's total ε budget (recorded)")
+    q.add_argument("path", type=Path)
+    q.add_argument("--epsilon", type=float, required=True)
+    q.add_argument("--reason", default="", help="why, kept in the ledger")
+    q.add_argument("--yes", action="store_true")
+    q.set_defaults(func=cmd_privacy_set_budget)
     return parser
 
 
@@ -329,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MedaeError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
+        console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

@@ -170,3 +170,28 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
     path = Path(run_dir) / "report.html"
     path.write_text(page)
     return path
+
+
+def reference_images(cfg, n: int = 6, seed: int = 12345):
+    """Public reference slices (synthesised from the MNI152 template) for report figures.
+
+    Returns (images, masks) at the run's image size and preprocessing: half of
+    them with lesions, half healthy.
+    """
+    import tempfile
+
+    from medae_core.benchmark import make_benchmark
+    from medae_core.data import load_site
+
+    with tempfile.TemporaryDirectory(prefix="medae-reference-") as tmp:
+        root = Path(tmp) / "ref"
+        make_benchmark(root, sites=1, patients=3, seed=seed, slices_per_patient=10)
+        site = load_site(next(p for p in root.iterdir() if p.is_dir()), cfg.data, cfg.model.image_size)
+    test = site.test
+    if test is None or test.labels is None:
+        return None
+    lesion = np.flatnonzero(test.labels == 1)[: n // 2]
+    healthy = np.flatnonzero(test.labels == 0)[: n - len(lesion)]
+    idx = np.concatenate([lesion, healthy])
+    masks = test.masks[idx] if test.masks is not None else None
+    return test.images[idx], masks

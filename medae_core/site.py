@@ -113,6 +113,9 @@ class SiteTrainer:
     def __init__(self, data: SiteData, cfg: RunConfig, ledger: PrivacyLedger | None):
         if cfg.privacy.enabled and ledger is None:
             raise ValueError("differentially private training needs a privacy ledger")
+        if not cfg.privacy.enabled:
+            # Without DP there is no privacy unit to protect: an epoch is every image.
+            cfg = cfg.with_overrides({"privacy.unit": "image"})
         self.data = data
         self.cfg = cfg
         self.ledger = ledger

@@ -1,0 +1,144 @@
+"""The real ClientApp, called with real Flower messages: what leaves a site, and refusals.
+
+Privacy is a correctness property: every reply may carry only the model's
+arrays, whitelisted scalar metrics and histogram counts, and the site's name.
+No pixels, no paths, no patient identifiers.
+"""
+
+import re
+
+import numpy as np
+import pydicom
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import BUDGET_EXCEEDED, EVAL_METRICS, NO_USABLE_DATA, SITE_FIELDS, TRAIN_METRICS, app
+from medae_core.models import build_model
+from medae_core.privacy import PrivacyLedger
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the running task's identity; a runtime sets it, so do we."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def _context(cfg, data_path, ledger_path, site="hospital-a"):
+    node = {"data-path": str(data_path), "ledger-path": str(ledger_path), "site-name": site}
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_flat())
+
+
+def _message(cfg, kind, config):
+    arrays = ArrayRecord(build_model(cfg.model, seed=0).state_dict())
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def _identifiers(site_dir):
+    """Every path fragment and patient identifier of a site, as they could leak."""
+    found = {str(site_dir), site_dir.name}
+    for path in site_dir.rglob("*"):
+        found.add(path.name)
+        found.add(str(path.relative_to(site_dir)))
+        if path.suffix == ".dcm":
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            found |= {str(ds.PatientID), str(ds.PatientName), str(ds.StudyInstanceUID)}
+    layout = {"train", "test", "masks", "labels.csv"}  # the fixed layout names reveal nothing
+    return {f for f in found if len(f) >= 4} - layout
+
+
+def _strings_in(reply):
+    strings = []
+    for record in reply.content.config_records.values():
+        strings += [str(v) for v in record.values()]
+    strings += list(reply.content.keys())
+    for record in reply.content.metric_records.values():
+        strings += list(record.keys())
+    return strings
+
+
+def _check_reply(reply, cfg, allowed_metrics, site_dir, with_arrays):
+    assert not reply.has_error(), reply.error
+    content = reply.content
+    assert set(content.keys()) <= {"arrays", "metrics", "site"}
+    assert set(content.metric_records) == {"metrics"}
+    metrics = content["metrics"]
+    assert set(metrics.keys()) <= set(allowed_metrics)
+    for value in metrics.values():  # numbers or lists of numbers (histogram counts), nothing else
+        values = value if isinstance(value, list) else [value]
+        assert all(isinstance(v, int | float) for v in values)
+    assert set(content["site"].keys()) == set(SITE_FIELDS)
+    if with_arrays:
+        expected = build_model(cfg.model).state_dict()
+        arrays = content["arrays"].to_torch_state_dict()
+        assert set(arrays) == set(expected)  # the plain model: no Opacus "_module." wrapper
+        assert all(arrays[k].shape == expected[k].shape for k in expected)
+    else:
+        assert "arrays" not in content
+    leaks = [(s, ident) for s in _strings_in(reply) for ident in _identifiers(site_dir) if ident in s]
+    assert not leaks
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_replies_carry_only_whitelisted_content(tiny_benchmark, tiny_cfg, tmp_path):
+    site = tiny_benchmark / "site-1"
+    ctx = _context(tiny_cfg, site, tmp_path / "ledger.jsonl")
+    reply = app(_message(tiny_cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r1", "rounds-left": 2}), ctx)
+    _check_reply(reply, tiny_cfg, TRAIN_METRICS, site, with_arrays=True)
+    assert reply.content["metrics"]["epsilon"] > 0
+    assert reply.content["site"]["site"] == "hospital-a"
+
+    reply = app(_message(tiny_cfg, MessageType.EVALUATE, {"server-round": 1, "threshold": 0.05}), ctx)
+    _check_reply(reply, tiny_cfg, EVAL_METRICS, site, with_arrays=False)
+    assert sum(reply.content["metrics"]["healthy-hist"]) == reply.content["metrics"]["num-examples"]
+
+
+@pytest.mark.slow
+def test_epsilon_continues_across_client_restarts(tiny_benchmark, tiny_cfg, tmp_path):
+    site = tiny_benchmark / "site-2"
+    ledger = tmp_path / "ledger.jsonl"
+    eps = []
+    for rnd in (1, 2):  # a fresh Context each time: nothing survives in memory
+        reply = app(_message(tiny_cfg, MessageType.TRAIN, {"server-round": rnd, "run-id": "r", "rounds-left": 3 - rnd}),
+                    _context(tiny_cfg, site, ledger))
+        eps.append(reply.content["metrics"]["epsilon"])
+    assert eps[1] > eps[0] > 0
+    history = PrivacyLedger.open(ledger).history
+    assert len(history) == 2
+    assert eps[1] == pytest.approx(PrivacyLedger.open(ledger).epsilon())
+
+
+def test_a_round_that_would_overspend_is_refused_without_training(tiny_benchmark, tiny_cfg, tmp_path):
+    cfg = tiny_cfg.with_overrides({"privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 1.0})
+    site = tiny_benchmark / "site-3"
+    ledger = tmp_path / "ledger.jsonl"
+    reply = app(_message(cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1}),
+                _context(cfg, site, ledger, site="hospital-c"))
+    assert reply.has_error() and reply.error.code == BUDGET_EXCEEDED
+    reason = reply.error.reason
+    assert "hospital-c" in reason and re.search(r"budget of ε=1\b", reason)
+    assert not [i for i in _identifiers(site) if i in reason]
+    assert PrivacyLedger.open(ledger).history == []  # nothing was spent
+
+
+def test_a_site_without_usable_images_says_why(tiny_cfg, tmp_path):
+    empty = tmp_path / "empty-site"
+    (empty / "train").mkdir(parents=True)
+    (empty / "train" / "readme.txt").write_text("no images here")
+    reply = app(_message(tiny_cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1}),
+                _context(tiny_cfg, empty, tmp_path / "ledger.jsonl"))
+    assert reply.has_error() and reply.error.code == NO_USABLE_DATA
+    assert "no usable training data" in reply.error.reason
+    assert str(empty) not in reply.error.reason and "readme" not in reply.error.reason
+
+
+def test_histograms_are_counts_over_fixed_bins():
+    from medae_core.scoring import N_SCORE_BINS, score_histogram
+
+    counts = score_histogram(np.array([0.01, 0.02, 5.0]))
+    assert counts.shape == (N_SCORE_BINS,) and counts.sum() == 3

@@ -1,0 +1,84 @@
+"""`medae simulate` end to end on Flower's simulation runtime (Ray backend).
+
+One federation of three tiny sites is run once for the whole module; the
+third site's ledger is nearly spent beforehand, so it must refuse every round
+while the run completes with the other two. A second call resumes the run.
+"""
+
+import json
+
+import pytest
+
+from medae.cli import main
+from medae_core.bundle import load_bundle
+from medae_core.privacy import PrivacyLedger
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny_benchmark, tmp_path_factory):
+    from tests.conftest import TINY
+    from tests.test_cli import _write_config
+
+    tmp = tmp_path_factory.mktemp("sim")
+    config = _write_config(tmp, TINY | {"privacy.noise_multiplier": 1.0, "privacy.budget_epsilon": 200.0})
+    run = tmp / "run"
+    # Site 3 has spent all but a sliver of its budget in earlier work.
+    ledger = PrivacyLedger.open(run / "ledgers" / "site-3.jsonl", site="site-3", budget_epsilon=200.0, delta=1e-5,
+                                accountant="rdp", create=True)
+    sigma = ledger.calibrate(sample_rate=1.0, steps=10)
+    ledger.reserve(sigma * 1.02, 1.0, 10, run_id="earlier", round=1, unit="patient")
+    args = ["simulate", "--config", str(config), "--data", str(tiny_benchmark), "--sites", "3", "--rounds", "1",
+            "--out", str(run)]
+    assert main(args) == 0
+    first = json.loads((run / "metrics.json").read_text())
+    args[args.index("--rounds") + 1] = "2"
+    assert main(args) == 0  # same run folder: resumes after round 1
+    return run, first, json.loads((run / "metrics.json").read_text())
+
+
+def test_metrics_json_schema(simulated):
+    run, _, metrics = simulated
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    sites = {s["site"]: s for s in metrics["sites"]}
+    assert set(sites) == {"site-1", "site-2"}
+    for s in sites.values():
+        assert set(s) >= {"site", "epsilon", "delta", "budget_epsilon", "privacy_unit", "num_examples"}
+        assert 0 < s["epsilon"] <= s["budget_epsilon"] == 200.0
+        assert s["privacy_unit"] == "patient"
+    test = metrics["test"]
+    assert {"image_auroc", "image_auprc", "pixel_auprc", "dice_best"} <= set(test)
+    assert 0.0 <= test["image_auroc"] <= 1.0
+    assert metrics["threshold"] > 0
+
+
+def test_the_overspending_site_is_refused_and_the_run_completes(simulated):
+    _, _, metrics = simulated
+    for record in metrics["rounds"]:
+        assert record["sites"]["site-3"]["status"] == "refused"
+        assert "budget" in record["sites"]["site-3"]["reason"]
+        assert record["sites"]["site-1"]["status"] == "ok"
+
+
+def test_resume_continues_rounds_and_privacy_spending(simulated):
+    run, first, metrics = simulated
+    assert first["rounds_done"] == 1 and metrics["rounds_done"] == 2
+    assert metrics["run_id"] == first["run_id"]
+    eps1 = first["rounds"][0]["sites"]["site-1"]["epsilon"]
+    eps2 = metrics["rounds"][1]["sites"]["site-1"]["epsilon"]
+    assert eps2 > eps1
+    assert eps2 == pytest.approx(PrivacyLedger.open(run / "ledgers" / "site-1.jsonl").epsilon())
+
+
+def test_bundle_and_report_are_written_and_score_reads_the_bundle(simulated, tiny_benchmark, tmp_path):
+    run, _, metrics = simulated
+    bundle = load_bundle(run / "model")
+    assert bundle.threshold is not None and bundle.threshold.method == "federated-histogram"
+    assert bundle.threshold.value == pytest.approx(metrics["threshold"])
+    report = (run / "report.html").read_text()
+    assert "site-1" in report and "data:image/png;base64," in report
+    out = tmp_path / "scores"
+    assert main(["score", "--model", str(run), "--input", str(tiny_benchmark / "site-1" / "test"), "--out",
+                 str(out), "--no-heatmaps"]) == 0
+    assert (out / "scores.csv").read_text().startswith("path,frame,score,anomalous")
