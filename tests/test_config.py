@@ -73,3 +73,10 @@ def test_shipped_configs_load():
     assert configs, "configs/ ships at least one example"
     for path in configs:
         RunConfig.load(path)
+
+
+def test_default_toml_documents_exactly_the_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / "default.toml"
+    assert RunConfig.load(path) == RunConfig(), "regenerate configs/default.toml (see its header)"
