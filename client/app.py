@@ -179,27 +179,45 @@ def _reply(msg, name, cfg, metrics, allowed, arrays=None) -> Message:
     return Message(content, reply_to=msg)
 
 
+def site_name(context: Context) -> str:
+    """The name a refusal is reported under (never derived from a path in deployment)."""
+    node = context.node_config
+    if "site-name" in node:
+        return str(node["site-name"])
+    try:
+        return site_location(context, RunConfig.from_flat(context.run_config))[0]
+    except Exception:  # noqa: BLE001 - a name for the error message only
+        return f"partition-{node.get('partition-id', '?')}"
+
+
 def _guarded(msg: Message, context: Context, handler) -> Message:
-    """Run a handler; turn every failure into a reason that carries no path."""
-    site = str(context.node_config.get("site-name", context.node_config.get("partition-id", "site")))
+    """Run a handler; turn every failure into a reason that carries no path.
+
+    Reasons start with ``site NAME:`` — an error reply has no content, so this
+    is how the server knows which site refused.
+    """
+    site = site_name(context)
+
+    def refuse(code: int, reason: str) -> Message:
+        return Message(Error(code, f"site {site}: {reason}"), reply_to=msg)
+
     try:
         return handler(msg, context)
     except BudgetExceededError as exc:
         log.warning("site %s refuses the round: %s", site, exc)
-        return Message(Error(BUDGET_EXCEEDED, f"site {site} refused: {exc}"), reply_to=msg)
+        return refuse(BUDGET_EXCEEDED, f"refused: {exc}")
     except LedgerError:
         log.exception("site %s: privacy ledger problem", site)
-        reason = "privacy ledger missing or corrupted; an administrator must check it (details in the site's log)"
-        return Message(Error(LEDGER_PROBLEM, f"site {site} cannot train: {reason}"), reply_to=msg)
+        return refuse(LEDGER_PROBLEM, "cannot train: privacy ledger missing or corrupted; an administrator "
+                                      "must check it (details in the site's log)")
     except PrivacyError:
         log.exception("site %s: privacy settings problem", site)
-        reason = "the run's privacy settings conflict with the site's ledger (details in the site's log)"
-        return Message(Error(LEDGER_PROBLEM, f"site {site} cannot train: {reason}"), reply_to=msg)
+        return refuse(LEDGER_PROBLEM, "cannot train: the run's privacy settings conflict with the site's "
+                                      "ledger (details in the site's log)")
     except DataError:
         log.exception("site %s: data problem", site)
-        reason = "no usable training data (run `medae check-data` on the site's folder for details)"
-        return Message(Error(NO_USABLE_DATA, f"site {site} cannot train: {reason}"), reply_to=msg)
+        return refuse(NO_USABLE_DATA, "cannot train: no usable training data (run `medae check-data` on the "
+                                      "site's folder for details)")
     except Exception as exc:  # noqa: BLE001 - anything else must not leak a traceback
         log.exception("site %s: unexpected failure", site)
-        reason = f"internal error ({type(exc).__name__}); details in the site's log"
-        return Message(Error(SITE_FAILURE, f"site {site} failed: {reason}"), reply_to=msg)
+        return refuse(SITE_FAILURE, f"failed: internal error ({type(exc).__name__}); details in the site's log")

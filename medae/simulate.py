@@ -63,10 +63,12 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
     """Run the federation described by ``cfg``; return the run folder."""
     # Flower and Ray are imported here so that the rest of the CLI starts fast.
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
 
     from client.app import app as client_app
     from server.app import app as server_app
@@ -85,8 +87,12 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
     (app_dir / "pyproject.toml").write_text(app_manifest(flat))
 
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    # The same Run set-up as flwr.simulation.run_simulation, plus our run_config.
     run = Run.create_empty(run_id=run_id)
     run.override_config = flat
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
     backend_config = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
@@ -103,13 +109,14 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
         app_dir=str(app_dir),
         run=run,
         server_app_context=context,
+        is_app=True,  # nodes read their run_config from the manifest in app_dir
         exit_event=_exit_event(),
     )
     return run_dir
 
 
 def _exit_event():
-    from flwr.common.telemetry import EventType
+    from flwr.supercore.telemetry import EventType
 
     return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
 

@@ -90,14 +90,15 @@ def reference_figures(bundle, reference) -> list[str]:
     recons = reconstruct(model, images, device, 32)
     maps, scores = scoring.anomaly_maps(model, images, bundle.config.scoring, device)
     titles = [f"score {s:.3g}" for s in scores]
-    rows = [("input", *images), ("reconstruction", *recons), ("anomaly map", *maps)]
+    rows = [("input", list(images)), ("reconstruction", list(recons)),
+            ("anomaly map", list(maps), "inferno")]
     if masks is not None:
-        rows.append(("lesion mask", *masks.astype(np.float32)))
+        rows.append(("lesion mask", list(masks.astype(np.float32)), "gray"))
     out = [_img(figures.image_grid(rows, titles), "reconstructions and anomaly maps")]
     if bundle.config.model.kind == "vae":
         with torch.no_grad():
             samples = model.sample(8, generator=torch.Generator().manual_seed(0)).cpu().numpy()[:, 0]
-        out.append(_img(figures.image_grid([("VAE samples", *samples)]), "VAE samples"))
+        out.append(_img(figures.image_grid([("VAE samples", list(samples))]), "VAE samples"))
     return out
 
 

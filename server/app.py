@@ -15,6 +15,7 @@ save ``RUN/model/`` (the bundle `medae score` reads), ``RUN/state.json`` and
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,9 @@ class FederatedRun:
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                name = self.site_of_node.get(node, f"node-{node}")
+                # medae sites start their reasons with "site NAME:"; Flower's own errors don't.
+                named = re.match(r"site (\S+): ", reply.error.reason or "")
+                name = named.group(1) if named else self.site_of_node.get(node, f"node-{node}")
                 records[name] = {"status": "refused", "code": reply.error.code, "reason": reply.error.reason}
                 log.warning("%s: %s", name, reply.error.reason)
                 continue

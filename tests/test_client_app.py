@@ -121,7 +121,7 @@ def test_a_round_that_would_overspend_is_refused_without_training(tiny_benchmark
                 _context(cfg, site, ledger, site="hospital-c"))
     assert reply.has_error() and reply.error.code == BUDGET_EXCEEDED
     reason = reply.error.reason
-    assert "hospital-c" in reason and re.search(r"budget of ε=1\b", reason)
+    assert reason.startswith("site hospital-c: ") and re.search(r"budget of ε=1\b", reason)
     assert not [i for i in _identifiers(site) if i in reason]
     assert PrivacyLedger.open(ledger).history == []  # nothing was spent
 

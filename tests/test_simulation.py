@@ -11,6 +11,7 @@ import pytest
 
 from medae.cli import main
 from medae_core.bundle import load_bundle
+from medae_core.errors import BudgetExceededError
 from medae_core.privacy import PrivacyLedger
 
 pytestmark = pytest.mark.slow
@@ -27,8 +28,9 @@ def simulated(tiny_benchmark, tmp_path_factory):
     # Site 3 has spent all but a sliver of its budget in earlier work.
     ledger = PrivacyLedger.open(run / "ledgers" / "site-3.jsonl", site="site-3", budget_epsilon=200.0, delta=1e-5,
                                 accountant="rdp", create=True)
-    sigma = ledger.calibrate(sample_rate=1.0, steps=10)
-    ledger.reserve(sigma * 1.02, 1.0, 10, run_id="earlier", round=1, unit="patient")
+    ledger.reserve(ledger.calibrate(sample_rate=1.0, steps=10), 1.0, 10, run_id="earlier", round=1, unit="patient")
+    with pytest.raises(BudgetExceededError):  # what one round of this run would need (q = 1, 2 steps)
+        ledger.check(1.0, 1.0, 2)
     args = ["simulate", "--config", str(config), "--data", str(tiny_benchmark), "--sites", "3", "--rounds", "1",
             "--out", str(run)]
     assert main(args) == 0
