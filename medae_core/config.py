@@ -75,6 +75,7 @@ class PrivacyConfig:
     accountant: Literal["rdp", "prv"] = "rdp"
     unit: Literal["patient", "image"] = "patient"
     grad_sample_mode: str = "auto"  # auto, hooks, functorch, ew, ghost
+    # ... or "bk" (medae_core.dp_clipping, book-keeping); "auto" picks "bk" for medae models
     ledger_path: str = ""  # empty: a per-site default under the user data dir
 
 

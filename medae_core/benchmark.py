@@ -1,0 +1,803 @@
+"""Built-in synthetic brain-MRI anomaly benchmark, written as real DICOM (no download).
+
+Design in a few lines:
+
+* Anatomy comes from the MNI152 2009 T1 template and its white-matter and brain masks
+  that ship inside nilearn (2 mm grid, 99x117x95). Each synthetic patient is the template
+  seen through a random global similarity transform (a few degrees, a few % of scale)
+  plus a smooth random displacement field (Gaussian-filtered noise, a few mm).
+* Everything is evaluated directly at the output pixels: a patient's axial slices are
+  sampled (``scipy.ndimage.map_coordinates``) on the site's matrix, evenly spaced
+  between 40 % and 85 % of the template brain's head-foot extent (about -10 to +60 mm,
+  above the skull base where slices vary wildly with head tilt) (the 2-D slices
+  are the only thing computed; no full 3-D patient volume is ever built).
+* Lesions are analytic 3-D objects (rotated, slightly irregular ellipsoids with soft
+  edges) placed in the patient's physical space, so neighbouring slices cut the same
+  lesion. Kinds: ``bright_wm`` (MS-like, hyperintense, gated by the white-matter map),
+  ``dark_wm`` (hypointense, gated the same way) and ``mass`` (larger, roughly spherical,
+  brighter than white matter, half of them with a dark core, half with mild mass effect).
+* Label rule: a lesion's mask is where its effective weight is >= 0.5. A lesion only
+  touches a slice when its mask there has at least ``MIN_LESION_PIXELS`` pixels at the
+  output resolution; otherwise it is left out of that slice completely (intensity, mask
+  and mass effect), so there are no slivers: label 1 <=> mask has >= 10 pixels, label 0
+  <=> the slice is untouched and has no mask.
+* Each site is a scanner with its own appearance drawn from the seed: gamma, smooth
+  multiplicative bias field, Rician or Gaussian noise, contrast scale/offset, field of
+  view and matrix size, bits stored, rescale slope/intercept; every patient gets a small
+  intensity jitter on top. Training patients are healthy; test patients carry >= 2
+  lesions in roughly 30-60 % of their slices (about half of all test slices), aimed at
+  slice levels that are anomalous in few earlier patients so that the label does not
+  go with slice level. Every site with >= 2 test patients has all three kinds.
+* Output follows the site layout contract (``SITE/train``, ``SITE/test``,
+  ``SITE/test/labels.csv``, PNG masks) and is byte-for-byte reproducible from the seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit
+
+from medae_core.errors import DataError
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+LESION_KINDS = ("bright_wm", "dark_wm", "mass")
+MIN_LESION_PIXELS = 10  # a slice is anomalous iff its lesion mask has at least this many pixels
+MATRIX_SIZES = (96, 112, 128, 144)
+FOV_MM = (200.0, 210.0, 220.0, 230.0)  # skull-stripped brain: no skull to fit in
+SLOPES = (1.0, 0.5, 2.0, 0.25)
+SLICE_RANGE = (0.4, 0.85)  # share of the template brain z extent: top of cerebellum to vertex-ish
+WM_REFERENCE = 0.84  # mean template intensity in white matter
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+LABEL_RULE = (
+    f"A lesion's mask is where its effective weight is >= 0.5. A lesion is drawn into a slice "
+    f"only if its mask there has >= {MIN_LESION_PIXELS} pixels at the output resolution; "
+    f"otherwise it is left out of that slice entirely (intensity, mask, mass effect). "
+    f"label 1 = at least one lesion drawn (mask PNG non-empty, 255 = lesion); label 0 = "
+    f"no lesion drawn and no mask."
+)
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    t1: np.ndarray  # float32, ~[0, 1]
+    wm: np.ndarray  # float32 probability
+    brain: np.ndarray  # float32 {0, 1}
+    affine: np.ndarray  # voxel -> RAS mm
+    z_mm: tuple[float, float]  # brain extent along z (mm)
+    center_lps: tuple[float, float]  # in-plane centre of the brain's bounding box (LPS mm)
+
+
+@lru_cache(maxsize=1)
+def _anatomy() -> _Anatomy:
+    """Load the MNI152 2009 template shipped with nilearn (no network)."""
+    from nilearn import datasets  # slow import; only when the benchmark is built
+
+    t1_img = datasets.load_mni152_template(resolution=2)
+    t1 = np.asarray(t1_img.get_fdata(), dtype=np.float32)
+    wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float32)
+    brain = np.asarray(datasets.load_mni152_brain_mask(resolution=2).get_fdata(), dtype=np.float32)
+    affine = np.asarray(t1_img.affine, dtype=np.float64)
+    if t1.shape != wm.shape or t1.shape != brain.shape:
+        raise DataError(f"nilearn's MNI152 templates disagree in shape: {t1.shape}, {wm.shape}, {brain.shape}")
+    t1 = np.clip(t1 / max(float(t1.max()), 1e-6), 0.0, 1.0)
+    wm = np.clip(wm, 0.0, 1.0)
+    idx = np.nonzero(brain > 0.5)
+    lo = np.array([i.min() for i in idx], dtype=np.float64)
+    hi = np.array([i.max() for i in idx], dtype=np.float64)
+    ras_lo = affine[:3, :3] @ lo + affine[:3, 3]
+    ras_hi = affine[:3, :3] @ hi + affine[:3, 3]
+    ras_c = (ras_lo + ras_hi) / 2
+    return _Anatomy(
+        t1=t1,
+        wm=wm,
+        brain=brain,
+        affine=affine,
+        z_mm=(float(min(ras_lo[2], ras_hi[2])), float(max(ras_lo[2], ras_hi[2]))),
+        center_lps=(float(-ras_c[0]), float(-ras_c[1])),
+    )
+
+
+def _lps_to_voxel(anat: _Anatomy, pts: np.ndarray) -> np.ndarray:
+    """(3, ...) LPS mm -> (3, ...) template voxel coordinates."""
+    ras = np.stack([-pts[0], -pts[1], pts[2]])
+    inv = np.linalg.inv(anat.affine)
+    flat = ras.reshape(3, -1)
+    vox = inv[:3, :3] @ flat + inv[:3, 3:4]
+    return vox.reshape(pts.shape)
+
+
+# --------------------------------------------------------------------------- sites
+
+
+@dataclass(frozen=True)
+class SiteAppearance:
+    """One virtual scanner. All values are stored in benchmark.json."""
+
+    name: str
+    matrix: int  # rows = columns
+    fov_mm: float
+    pixel_spacing_mm: float
+    gamma: float  # intensity gamma applied to tissue intensity
+    bias_amplitude: float  # max relative deviation of the multiplicative bias field
+    bias_coefficients: tuple[float, ...]  # quadratic polynomial (x y z x2 y2 z2 xy xz yz)
+    noise: str  # "rician" or "gaussian"
+    noise_sigma: float  # relative to tissue intensity (white matter ~ 0.84)
+    contrast_scale: float  # stored value = scale * intensity + offset
+    contrast_offset: float
+    bits_stored: int  # 12 or 16
+    rescale_slope: float
+    rescale_intercept: float
+    patient_jitter: float  # std of the per-patient intensity scale and gamma jitter
+    manufacturer_model: str
+
+
+def _site_appearance(seed: int, index: int) -> SiteAppearance:
+    rng = np.random.default_rng([seed, 1000 + index])
+    # Cyclic choices over a seed-dependent order guarantee that the first sites differ.
+    order = np.random.default_rng([seed, 999]).permutation(len(MATRIX_SIZES))
+    pick = int(order[index % len(order)])
+    matrix = MATRIX_SIZES[pick]
+    slope = SLOPES[int(np.random.default_rng([seed, 998]).permutation(len(SLOPES))[index % len(SLOPES)])]
+    fov = FOV_MM[int(rng.integers(len(FOV_MM)))]
+    bits = (12, 16)[(index + seed) % 2]
+    max_stored = 2**bits - 1
+    offset = float(round(rng.uniform(0.0, 150.0), 1))
+    if bits == 12:
+        scale = float(round(rng.uniform(1500.0, 2600.0), 1))
+    else:
+        scale = float(round(rng.uniform(3000.0, 30000.0), 1))
+    # brightest plausible intensity (bright lesion on biased bright white matter) must fit
+    scale = min(scale, (max_stored - offset) / 2.2)
+    intercept = float(rng.choice([0.0, 0.0, -100.0, 50.0]))
+    return SiteAppearance(
+        name=f"site-{index + 1}",
+        matrix=matrix,
+        fov_mm=fov,
+        pixel_spacing_mm=round(fov / matrix, 6),
+        gamma=round(float(rng.uniform(0.7, 1.4)), 4),
+        bias_amplitude=round(float(rng.uniform(0.0, 0.3)), 4),
+        bias_coefficients=tuple(round(float(c), 4) for c in rng.normal(0.0, 1.0, 9)),
+        noise=str(rng.choice(["rician", "gaussian"])),
+        noise_sigma=round(float(rng.uniform(0.01, 0.04)), 4),
+        contrast_scale=round(float(scale), 1),
+        contrast_offset=offset,
+        bits_stored=bits,
+        rescale_slope=float(slope),
+        rescale_intercept=intercept,
+        patient_jitter=round(float(rng.uniform(0.01, 0.04)), 4),
+        manufacturer_model=f"medae-synthetic-scanner-{index + 1}",
+    )
+
+
+def _bias_field(coefs: np.ndarray, pts: np.ndarray, amplitude: float, center: np.ndarray) -> np.ndarray:
+    """1 + amplitude * f with f a quadratic polynomial scaled to max |f| = 1 on the head box."""
+
+    def terms(u: np.ndarray) -> np.ndarray:
+        x, y, z = u
+        return np.stack([x, y, z, x * x, y * y, z * z, x * y, x * z, y * z])
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 7)] * 3, indexing="ij")).reshape(3, -1)
+    norm = float(np.abs(np.tensordot(coefs, terms(grid), axes=1)).max()) or 1.0
+    u = (pts - center.reshape(3, *([1] * (pts.ndim - 1)))) / 100.0
+    f = np.tensordot(coefs, terms(u), axes=1) / norm
+    return (1.0 + amplitude * f).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- patients
+
+
+@dataclass
+class _Deformation:
+    center: np.ndarray  # voxel coords
+    matrix: np.ndarray  # 3x3 similarity (rotation * scale)
+    shift: np.ndarray  # voxels
+    field: np.ndarray  # (3, gx, gy, gz) displacement in voxels on a coarse grid
+    step: float  # coarse grid spacing in voxels
+
+
+def _random_deformation(rng: np.random.Generator, shape: tuple[int, ...]) -> _Deformation:
+    angles = np.deg2rad(rng.uniform(-3.0, 3.0, 3))
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    scale = rng.uniform(0.95, 1.05) * rng.uniform(0.98, 1.02, 3)
+    matrix = rz @ ry @ rx @ np.diag(1.0 / scale)  # inverse map: patient -> template
+    step = 4.0
+    gshape = tuple(int(math.ceil(s / step)) + 1 for s in shape)
+    field = rng.normal(0.0, 1.0, (3, *gshape))
+    field = np.stack([ndimage.gaussian_filter(f, 2.0, mode="nearest") for f in field])
+    field *= rng.uniform(0.5, 1.0) / max(float(field.std()), 1e-6)  # std 1-2 mm, ~16 mm smooth
+    return _Deformation(
+        center=(np.array(shape, dtype=np.float64) - 1) / 2,
+        matrix=matrix,
+        shift=rng.uniform(-1.0, 1.0, 3),
+        field=field.astype(np.float32),
+        step=step,
+    )
+
+
+def _warp(defo: _Deformation, vox: np.ndarray) -> np.ndarray:
+    """Patient voxel coordinates (3, ...) -> template voxel coordinates."""
+    flat = vox.reshape(3, -1)
+    out = defo.matrix @ (flat - defo.center[:, None]) + defo.center[:, None] + defo.shift[:, None]
+    g = flat / defo.step
+    for a in range(3):
+        out[a] += ndimage.map_coordinates(defo.field[a], g, order=1, mode="nearest")
+    return out.reshape(vox.shape)
+
+
+@dataclass(eq=False)  # identity comparison
+class _Lesion:
+    kind: str
+    center: np.ndarray  # LPS mm
+    radii: np.ndarray  # mm
+    rotation: np.ndarray  # 3x3
+    edge_mm: float
+    contrast: float  # bright/dark: relative intensity change; mass: rim level
+    wobble: np.ndarray  # (k, 5): direction (3), amplitude, phase
+    core_fraction: float = 0.0  # mass: 0 = no dark core
+    core_level: float = 0.0
+    mass_effect: float = 0.0  # mass: radial displacement strength (0 = none)
+    texture: np.ndarray | None = None  # mass: (2, 4) two plane waves: wave vector (3), phase
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+def _new_lesion(kind: str, center: np.ndarray, rng: np.random.Generator) -> _Lesion:
+    wobble = np.concatenate(
+        [_unit(rng.normal(size=(3, 3))), rng.uniform(0.03, 0.1, (3, 1)), rng.uniform(0, 2 * np.pi, (3, 1))], axis=1
+    )
+    if kind == "mass":
+        r = rng.uniform(12.0, 22.0)
+        core = rng.random() < 0.5
+        return _Lesion(
+            kind=kind,
+            center=center,
+            radii=r * rng.uniform(0.88, 1.12, 3),
+            rotation=_random_rotation(rng),
+            edge_mm=rng.uniform(1.2, 2.5),
+            contrast=WM_REFERENCE * rng.uniform(1.12, 1.35),
+            wobble=wobble,
+            core_fraction=rng.uniform(0.4, 0.65) if core else 0.0,
+            core_level=WM_REFERENCE * rng.uniform(0.3, 0.55),
+            mass_effect=rng.uniform(0.15, 0.3) if rng.random() < 0.5 else 0.0,
+            texture=np.concatenate(
+                [_unit(rng.normal(size=(2, 3))) * 2 * np.pi / rng.uniform(10, 20, (2, 1)), rng.uniform(0, 6.3, (2, 1))],
+                axis=1,
+            ),
+        )
+    r = rng.uniform(7.0, 13.0)
+    radii = r * np.array([rng.uniform(1.0, 1.5), rng.uniform(0.8, 1.0), rng.uniform(0.7, 1.0)])
+    contrast = rng.uniform(0.2, 0.5) if kind == "bright_wm" else -rng.uniform(0.35, 0.6)
+    return _Lesion(
+        kind=kind,
+        center=center,
+        radii=radii,
+        rotation=_random_rotation(rng),
+        edge_mm=rng.uniform(0.6, 1.4),
+        contrast=contrast,
+        wobble=wobble,
+    )
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _lesion_profile(les: _Lesion, pts: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Soft indicator in [0, 1] of the (scaled) lesion on one slice's LPS points (3, M, M).
+
+    0.5 on the lesion border. Computed only inside the lesion's bounding box (elsewhere
+    the indicator is below 1e-3 and set to 0).
+    """
+    out = np.zeros(pts.shape[1:], dtype=np.float32)
+    r_mean = float(les.radii.mean()) * scale
+    wobble = float(np.abs(les.wobble[:, 3]).sum())  # < 0.3 by construction
+    reach = (1.0 + 8.0 * les.edge_mm / r_mean) * float(les.radii.max()) * scale / (1.0 - wobble)
+    if abs(float(pts[2, 0, 0]) - float(les.center[2])) > reach:
+        return out
+    cols = np.flatnonzero(np.abs(pts[0, 0, :] - les.center[0]) <= reach)
+    rows = np.flatnonzero(np.abs(pts[1, :, 0] - les.center[1]) <= reach)
+    if len(cols) == 0 or len(rows) == 0:
+        return out
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    sub = pts[:, box[0], box[1]]
+    d = sub - les.center.reshape(3, 1, 1)
+    local = np.tensordot(les.rotation.T, d, axes=1)
+    radii = les.radii.reshape(3, 1, 1) * scale
+    r_ell = np.sqrt(np.sum((local / radii) ** 2, axis=0))
+    u = local / np.maximum(np.linalg.norm(local, axis=0), 1e-6)
+    wob = np.zeros_like(r_ell)
+    for w in les.wobble:
+        wob += w[3] * np.cos(3.0 * np.tensordot(w[:3], u, axes=1) + w[4])
+    dist = (r_ell * (1.0 + wob) - 1.0) * r_mean
+    out[box] = expit(-dist / les.edge_mm)
+    return out
+
+
+def _drawn_lesions(
+    lesions: list[_Lesion], pts: np.ndarray, wm: np.ndarray, brain: np.ndarray
+) -> list[tuple[_Lesion, np.ndarray]]:
+    """Lesions that pass the label rule on one slice, with their effective weights."""
+    drawn = []
+    for les in lesions:
+        eff = _effective(les, pts, wm, brain)
+        if int((eff >= 0.5).sum()) >= MIN_LESION_PIXELS:
+            drawn.append((les, eff))
+    return drawn
+
+
+def _gate(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _effective(les: _Lesion, pts: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    w = _lesion_profile(les, pts)
+    gate = _gate(brain, 0.3, 0.7) if les.kind == "mass" else _gate(wm, 0.2, 0.6)
+    return w * gate
+
+
+@dataclass
+class _Slices:
+    t1: np.ndarray  # (S, M, M)
+    wm: np.ndarray
+    brain: np.ndarray
+
+
+def _sample(anat: _Anatomy, defo: _Deformation, pts: np.ndarray, masses: list[_Lesion] = ()) -> _Slices:
+    """Sample the deformed template at LPS points (3, S, M, M), with optional mass effect."""
+    p = pts
+    for les in masses:
+        d = p - les.center.reshape(3, 1, 1, 1)
+        r2 = np.sum(d * d, axis=0)
+        reach = 1.6 * float(les.radii.mean())
+        # sample closer to the centre => tissue appears pushed outward
+        p = les.center.reshape(3, 1, 1, 1) + d * (1.0 - les.mass_effect * np.exp(-r2 / (2 * reach**2)))
+    q = _warp(defo, _lps_to_voxel(anat, p))
+    flat = q.reshape(3, -1)
+
+    def take(vol: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(vol, flat, order=1, mode="constant", cval=0.0).reshape(pts.shape[1:])
+
+    return _Slices(t1=take(anat.t1), wm=take(anat.wm), brain=take(anat.brain))
+
+
+@dataclass
+class _Patient:
+    stored: np.ndarray  # (S, M, M) uint16 stored values
+    masks: np.ndarray  # (S, M, M) bool
+    kinds: list[list[str]]  # per slice, kinds drawn
+    z_mm: np.ndarray
+    window: tuple[float, float]  # center, width in rescaled units
+    lesions: list[_Lesion]
+
+
+def _slice_points(anat: _Anatomy, site: SiteAppearance, z_mm: np.ndarray) -> tuple[np.ndarray, float, float]:
+    m, ps = site.matrix, site.pixel_spacing_mm
+    x0 = anat.center_lps[0] - site.fov_mm / 2 + ps / 2
+    y0 = anat.center_lps[1] - site.fov_mm / 2 + ps / 2
+    cols = x0 + ps * np.arange(m)
+    rows = y0 + ps * np.arange(m)
+    yy, xx = np.meshgrid(rows, cols, indexing="ij")  # image[row, col]
+    s = len(z_mm)
+    pts = np.empty((3, s, m, m), dtype=np.float64)
+    pts[0] = xx
+    pts[1] = yy
+    pts[2] = z_mm.reshape(s, 1, 1)
+    return pts, float(x0), float(y0)
+
+
+@dataclass
+class _LesionPlan:
+    """Site-wide lesion bookkeeping shared by the site's test patients."""
+
+    wm_kinds: deque[str]  # white-matter lesion kinds, alternating bright/dark
+    slice_counts: np.ndarray  # anomalous test slices so far, per slice index
+    with_mass: bool = False  # this patient gets one mass lesion first
+
+
+def _place_lesions(
+    rng: np.random.Generator,
+    pts: np.ndarray,
+    base: _Slices,
+    site: SiteAppearance,
+    plan: _LesionPlan,
+) -> list[_Lesion]:
+    """Add lesions until roughly 30-55 % of the slices are anomalous and there are >= 2 lesions.
+
+    Lesions are aimed at slice indices that are anomalous in few of the site's
+    earlier test patients, so that being anomalous does not go with slice level.
+    """
+    s = pts.shape[1]
+    target = rng.uniform(0.3, 0.55)
+    anomalous = np.zeros(s, dtype=bool)
+    lesions: list[_Lesion] = []
+    spacing = float(pts[2, 1, 0, 0] - pts[2, 0, 0, 0]) if s > 1 else 6.0
+    for attempt in range(80):
+        need_mass = plan.with_mass and not lesions and attempt < 40
+        if not need_mass and anomalous.mean() >= target and len(lesions) >= 2:
+            break
+        healthy = np.flatnonzero(~anomalous)
+        options = healthy if len(healthy) else np.arange(s)
+        weights = 1.0 / (1.0 + plan.slice_counts[options]) ** 2
+        k = int(rng.choice(options, p=weights / weights.sum()))
+        kind = "mass" if need_mass else plan.wm_kinds[0]
+        if kind == "mass":
+            dist = ndimage.distance_transform_edt(base.brain[k] > 0.5) * site.pixel_spacing_mm
+            cand = np.argwhere(dist > 16.0)
+        else:
+            cand = np.argwhere(base.wm[k] > 0.9)
+            if len(cand) == 0:
+                cand = np.argwhere(base.wm[k] > 0.75)
+        if len(cand) == 0:
+            continue
+        r, c = cand[int(rng.integers(len(cand)))]
+        center = pts[:, k, r, c].copy()
+        center[2] += rng.uniform(-0.3, 0.3) * spacing
+        les = _new_lesion(kind, center, rng)
+        counts = np.array([(_effective(les, pts[:, i], base.wm[i], base.brain[i]) >= 0.5).sum() for i in range(s)])
+        if counts[k] < MIN_LESION_PIXELS:
+            continue
+        if kind != "mass":
+            plan.wm_kinds.rotate(-1)
+        lesions.append(les)
+        anomalous |= counts >= MIN_LESION_PIXELS
+    return lesions
+
+
+def _render_patient(
+    anat: _Anatomy,
+    site: SiteAppearance,
+    rng: np.random.Generator,
+    slices_per_patient: int,
+    lesion_plan: _LesionPlan | None,
+) -> _Patient:
+    lo, hi = anat.z_mm
+    frac = np.linspace(SLICE_RANGE[0], SLICE_RANGE[1], slices_per_patient) if slices_per_patient > 1 else np.array([0.5])
+    z_mm = np.round(lo + (hi - lo) * frac, 3)
+    pts, _, _ = _slice_points(anat, site, z_mm)
+    defo = _random_deformation(rng, anat.t1.shape)
+    base = _sample(anat, defo, pts)
+    lesions = _place_lesions(rng, pts, base, site, lesion_plan) if lesion_plan is not None else []
+
+    s = len(z_mm)
+    final = _Slices(t1=base.t1.copy(), wm=base.wm.copy(), brain=base.brain.copy())
+    masses = [les for les in lesions if les.kind == "mass" and les.mass_effect > 0]
+    moved_slices: dict[int, list[_Lesion]] = {}
+    for i in range(s):
+        # Mass effect only on slices where that mass is drawn (label rule: no hidden anomalies).
+        active = [
+            les for les in masses
+            if (_effective(les, pts[:, i], base.wm[i], base.brain[i]) >= 0.5).sum() >= MIN_LESION_PIXELS
+        ]
+        if active:
+            moved = _sample(anat, defo, pts[:, i : i + 1], active)
+            final.t1[i], final.wm[i], final.brain[i] = moved.t1[0], moved.wm[0], moved.brain[0]
+            moved_slices[i] = active
+
+    tissue = final.t1.copy()
+    masks = np.zeros(tissue.shape, dtype=bool)
+    kinds_per_slice: list[list[str]] = [[] for _ in range(s)]
+    for i in range(s):
+        drawn = _drawn_lesions(lesions, pts[:, i], final.wm[i], final.brain[i])
+        if i in moved_slices and not any(les in moved_slices[i] for les, _ in drawn):
+            # the displaced mass fell below the rule after all: undo its mass effect
+            tissue[i], final.wm[i], final.brain[i] = base.t1[i], base.wm[i], base.brain[i]
+            drawn = _drawn_lesions(lesions, pts[:, i], final.wm[i], final.brain[i])
+        for les, eff in drawn:
+            if les.kind == "mass":
+                level = np.full(eff.shape, les.contrast, dtype=np.float32)
+                if les.texture is not None:
+                    for wave in les.texture:  # mild internal heterogeneity
+                        phase = np.tensordot(wave[:3], pts[:, i], axes=1) + wave[3]
+                        level *= 1.0 + 0.025 * np.cos(phase).astype(np.float32)
+                if les.core_fraction > 0:
+                    core = _lesion_profile(les, pts[:, i], scale=les.core_fraction)
+                    level = level * (1 - core) + les.core_level * core
+                tissue[i] = tissue[i] * (1 - eff) + level * eff
+            else:
+                tissue[i] = tissue[i] * (1 + les.contrast * eff)
+            masks[i] |= eff >= 0.5
+            if les.kind not in kinds_per_slice[i]:
+                kinds_per_slice[i].append(les.kind)
+
+    # scanner appearance
+    jitter_scale = 1.0 + float(np.clip(rng.normal(0, site.patient_jitter), -0.1, 0.1))
+    gamma = site.gamma * (1.0 + float(np.clip(rng.normal(0, site.patient_jitter), -0.1, 0.1)))
+    img = np.power(np.clip(tissue * jitter_scale, 0.0, None), gamma)
+    coefs = np.asarray(site.bias_coefficients) + rng.normal(0.0, 0.25, 9)
+    center = np.array([anat.center_lps[0], anat.center_lps[1], (lo + hi) / 2])
+    img = img * _bias_field(coefs, pts, site.bias_amplitude, center)
+    sigma = site.noise_sigma
+    if site.noise == "rician":
+        n1 = rng.normal(0.0, sigma, img.shape)
+        n2 = rng.normal(0.0, sigma, img.shape)
+        img = np.sqrt((img + n1) ** 2 + n2**2)
+    else:
+        img = img + rng.normal(0.0, sigma, img.shape)
+    max_stored = 2**site.bits_stored - 1
+    stored = np.clip(np.rint(img * site.contrast_scale + site.contrast_offset), 0, max_stored).astype(np.uint16)
+
+    # VOI window per patient, like a scanner's auto-window: from the background level to
+    # 1.5x the 90th percentile of brain intensity (robust to lesions, room for bright ones).
+    values = stored.astype(np.float64) * site.rescale_slope + site.rescale_intercept
+    w_lo = float(np.percentile(values, 1.0))
+    in_brain = final.brain > 0.5
+    w_hi = float(np.percentile(values[in_brain], 90.0)) if in_brain.any() else float(values.max())
+    width = max((w_hi - w_lo) * 1.5, 1.0)
+    center_w = w_lo - 0.03 * width + width / 2
+    return _Patient(
+        stored=stored,
+        masks=masks,
+        kinds=kinds_per_slice,
+        z_mm=z_mm,
+        window=(round(center_w, 1), round(width, 1)),
+        lesions=lesions,
+    )
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _patient_dataset(
+    *,
+    site: SiteAppearance,
+    site_index: int,
+    patient_id: str,
+    patient_number: int,
+    shape: tuple[int, int],
+    window: tuple[float, float],
+    uid_key: list[str],
+):
+    """The DICOM tags shared by all slices of one patient (one study, one series)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    date = f"2024{1 + site_index % 12:02d}{1 + patient_number % 28:02d}"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.Modality = "MR"
+    ds.Manufacturer = "medae synthetic"
+    ds.ManufacturerModelName = site.manufacturer_model
+    ds.InstitutionName = f"Synthetic {site.name}"
+    ds.StudyDescription = "medae synthetic benchmark (not a real patient)"
+    ds.SeriesDescription = "T1 axial synthetic"
+    ds.PatientName = f"Synthetic^{patient_id.replace('-', '')}"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.PatientIdentityRemoved = "YES"
+    ds.BodyPartExamined = "BRAIN"
+    ds.ScanningSequence = "GR"
+    ds.SequenceVariant = "SP"
+    ds.MRAcquisitionType = "3D"
+    ds.SliceThickness = "2.0"
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[*uid_key, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*uid_key, "series"])
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*uid_key, "frame"])
+    ds.StudyID = f"{patient_number:04d}"
+    ds.SeriesNumber = 1
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = shape
+    ds.PixelSpacing = [f"{site.pixel_spacing_mm:.6f}", f"{site.pixel_spacing_mm:.6f}"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = site.bits_stored
+    ds.HighBit = site.bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = f"{site.rescale_intercept:g}"
+    ds.RescaleSlope = f"{site.rescale_slope:g}"
+    ds.RescaleType = "US"
+    ds.WindowCenter = f"{window[0]:.1f}"
+    ds.WindowWidth = f"{window[1]:.1f}"
+    ds.BurnedInAnnotation = "NO"
+    return ds
+
+
+def _write_slice(
+    ds,
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    slice_index: int,
+    origin: tuple[float, float, float],
+    uid_key: list[str],
+) -> None:
+    """Fill in the per-slice tags of a patient's dataset and write one DICOM file."""
+    from pydicom.uid import generate_uid
+
+    sop_uid = generate_uid(entropy_srcs=[*uid_key, "sop", str(slice_index)])
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = slice_index + 1
+    ds.ImagePositionPatient = [f"{origin[0]:.4f}", f"{origin[1]:.4f}", f"{origin[2]:.3f}"]
+    ds.SliceLocation = f"{origin[2]:.3f}"
+    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, format="PNG")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def make_benchmark(
+    out: Path,
+    *,
+    sites: int = 3,
+    patients: int = 24,
+    seed: int = 0,
+    slices_per_patient: int = 14,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write the synthetic multi-site DICOM benchmark into ``out`` and return its summary.
+
+    ``out`` must not exist or be an empty folder. Per site, ``patients`` patients are
+    made; a third of them (at least 2) are test patients with lesions, the rest are
+    healthy training patients. The summary (also written to ``out/benchmark.json``) lists
+    per site the patient and slice counts, the anomalous test slices per lesion kind and
+    the site's appearance parameters.
+    """
+    out = Path(out)
+    checks = (("sites", sites, 1), ("patients", patients, 3), ("seed", seed, 0), ("slices_per_patient", slices_per_patient, 1))
+    for name, value, low in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DataError(f"make_benchmark: {name} must be an integer >= {low}; got {value!r}")
+    if slices_per_patient > 40:
+        raise DataError(f"make_benchmark: slices_per_patient must be <= 40; got {slices_per_patient}")
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"cannot write the benchmark to {out}: it exists and is not a folder")
+        if any(out.iterdir()):
+            raise DataError(
+                f"refusing to write the benchmark into {out}: the folder is not empty. "
+                f"Choose a new or empty folder (or delete this one first)."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+
+    anat = _anatomy()
+    n_test = max(2, round(patients / 3))
+    n_train = patients - n_test
+    total = sites * patients
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    params = {"sites": sites, "patients": patients, "seed": seed, "slices_per_patient": slices_per_patient}
+    summary: dict[str, Any] = {
+        "generator": "medae make-benchmark",
+        "version": GENERATOR_VERSION,
+        "synthetic": True,
+        "source": "MNI152 2009 T1 template with WM and brain masks shipped in nilearn (2 mm grid)",
+        "parameters": params,
+        "lesion_kinds": list(LESION_KINDS),
+        "min_lesion_pixels": MIN_LESION_PIXELS,
+        "label_rule": LABEL_RULE,
+        "sites": [],
+    }
+    for si in range(sites):
+        site = _site_appearance(seed, si)
+        site_dir = out / site.name
+        # Every site gets all lesion kinds: test patients alternate with/without a mass,
+        # and white-matter lesions alternate bright/dark across the site.
+        kinds_rng = np.random.default_rng([seed, 2000 + si])
+        mass_parity = int(kinds_rng.integers(2))
+        wm_first = ["bright_wm", "dark_wm"] if kinds_rng.random() < 0.5 else ["dark_wm", "bright_wm"]
+        lesion_plan = _LesionPlan(wm_kinds=deque(wm_first), slice_counts=np.zeros(slices_per_patient))
+        site_sum: dict[str, Any] = {
+            "name": site.name,
+            "appearance": asdict(site),
+            "train": {"patients": n_train, "slices": 0},
+            "test": {
+                "patients": n_test,
+                "slices": 0,
+                "anomalous_slices": 0,
+                "healthy_slices": 0,
+                "anomalous_slices_by_kind": {k: 0 for k in LESION_KINDS},
+                "lesions_by_kind": {k: 0 for k in LESION_KINDS},
+            },
+            "anomalous_slice_kinds": {},
+        }
+        site_sum["appearance"]["bias_coefficients"] = list(site.bias_coefficients)
+        rows: list[tuple[str, int, str]] = []
+        for pi in range(patients):
+            is_test = pi >= n_train
+            pid = f"S{si + 1}-P{pi + 1:03d}"
+            rng = np.random.default_rng([seed, si, pi, 7])
+            if is_test:
+                lesion_plan.with_mass = (pi - n_train) % 2 == mass_parity
+            pat = _render_patient(anat, site, rng, slices_per_patient, lesion_plan if is_test else None)
+            if is_test:
+                lesion_plan.slice_counts += pat.masks.any(axis=(1, 2))
+            split = "test" if is_test else "train"
+            pdir = site_dir / split / pid
+            pdir.mkdir(parents=True, exist_ok=True)
+            uid_key = ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
+            ds = _patient_dataset(
+                site=site,
+                site_index=si,
+                patient_id=pid,
+                patient_number=pi + 1,
+                shape=pat.stored.shape[1:],
+                window=pat.window,
+                uid_key=uid_key,
+            )
+            _, x0, y0 = _slice_points(anat, site, pat.z_mm[:1])
+            for k in range(len(pat.z_mm)):
+                fname = f"{k:03d}.dcm"
+                _write_slice(
+                    ds, pdir / fname, pat.stored[k], slice_index=k, origin=(x0, y0, float(pat.z_mm[k])), uid_key=uid_key
+                )
+                if is_test:
+                    rel = f"{pid}/{fname}"
+                    if pat.masks[k].any():
+                        (site_dir / "test" / "masks").mkdir(parents=True, exist_ok=True)
+                        mask_rel = f"masks/{pid}_{k:03d}.png"
+                        _write_mask(site_dir / "test" / mask_rel, pat.masks[k])
+                        rows.append((rel, 1, mask_rel))
+                        site_sum["anomalous_slice_kinds"][rel] = list(pat.kinds[k])
+                        for kd in pat.kinds[k]:
+                            site_sum["test"]["anomalous_slices_by_kind"][kd] += 1
+                    else:
+                        rows.append((rel, 0, ""))
+            if is_test:
+                site_sum["test"]["slices"] += len(pat.z_mm)
+                for les in pat.lesions:
+                    site_sum["test"]["lesions_by_kind"][les.kind] += 1
+            else:
+                site_sum["train"]["slices"] += len(pat.z_mm)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        with (site_dir / "test" / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["path", "label", "mask"])
+            writer.writerows(rows)
+        n_anom = sum(r[1] for r in rows)
+        site_sum["test"]["anomalous_slices"] = n_anom
+        site_sum["test"]["healthy_slices"] = len(rows) - n_anom
+        summary["sites"].append(site_sum)
+        log.info("benchmark %s: %d train / %d test patients, %d/%d anomalous test slices",
+                 site.name, n_train, n_test, n_anom, len(rows))
+    (out / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

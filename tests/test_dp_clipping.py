@@ -1,0 +1,100 @@
+"""Book-keeping clipper: exact per-sample norms and clipped sums, or a clear refusal."""
+
+import pytest
+import torch
+from torch import nn
+
+from medae_core.config import ModelConfig
+from medae_core.dp_clipping import BookKeepingClipper, UnsupportedModelError, clip_factors
+from medae_core.models import build_model
+
+torch.set_num_threads(1)
+
+
+def per_sample_reference(model, x, loss_fn, max_grad_norm):
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = loss_fn(model(x), x)
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norms.append(norm)
+        for t, g in zip(total, grads):
+            t += clip_factors(norm, max_grad_norm) * g
+    return total, torch.stack(norms)
+
+
+class Mixed(nn.Module):
+    """Strided, dilated, bias-free and 1x1 convs, GroupNorm and Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(3, 6)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=2, dilation=2, bias=False)
+        self.c3 = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.gn(self.c1(x)))
+        h = self.c3(torch.relu(self.c2(h)))
+        return self.fc(h.flatten(1))
+
+
+def mixed_loss(out, x):
+    return out.pow(2).sum(1) + out[:, 0] * x.mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
+def test_norms_and_clipped_sum_match_per_sample_autograd(strategy):
+    torch.manual_seed(0)
+    model = Mixed().double()
+    x = torch.randn(5, 2, 16, 16, dtype=torch.float64)
+    _, raw = per_sample_reference(model, x, mixed_loss, 1e9)
+    clip = float(raw.median())
+    ref, ref_norms = per_sample_reference(model, x, mixed_loss, clip)
+    clipper = BookKeepingClipper(model, clip, strategy=strategy)
+    norms = clipper.backward(mixed_loss(clipper.forward(x), x))
+    assert torch.allclose(norms, ref_norms, rtol=1e-10)
+    for p, r in zip(model.parameters(), ref):
+        assert torch.allclose(p.grad, r, rtol=1e-9, atol=1e-12)
+    clipper.close()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_clipped_sum_bounds_every_sample_contribution():
+    model = build_model(ModelConfig(kind="ae", channels=(8, 16), latent_dim=8, groups=4), seed=0)
+    x = torch.rand(3, 1, 64, 64)
+    clipper = BookKeepingClipper(model, 1e-4)
+    for i in range(3):  # one sample at a time: its clipped gradient has norm <= C
+        out = clipper.forward(x[i : i + 1])
+        clipper.backward(model.per_sample_loss(x[i : i + 1], out))
+        total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+        assert float(total) <= 1e-4 * (1 + 1e-5)
+    clipper.close()
+
+
+def test_weights_get_no_autograd_gradient_during_the_pass():
+    model = Mixed()
+    clipper = BookKeepingClipper(model, 1.0)
+    out = clipper.forward(torch.randn(2, 2, 16, 16))
+    assert not any(p.grad is not None for p in model.parameters())
+    loss = mixed_loss(out, torch.zeros(2, 1, 1, 1))
+    clipper.backward(loss)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unsupported_layers_are_refused_clearly():
+    with pytest.raises(UnsupportedModelError, match="LayerNorm"):
+        BookKeepingClipper(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 1.0)
+    with pytest.raises(UnsupportedModelError, match="groups=1"):
+        BookKeepingClipper(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 1.0)
+
+
+def test_weight_tying_is_refused():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    clipper = BookKeepingClipper(model, 1.0)
+    with pytest.raises(UnsupportedModelError, match="twice"):
+        clipper.forward(torch.randn(2, 4))

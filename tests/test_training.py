@@ -1,0 +1,278 @@
+"""Training engine: plans, privacy units, exact DP step counts, clipping, clean models."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medae_core.config import ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+from medae_core.errors import ConfigError, DataError, MedaeError
+from medae_core.models import build_model
+from medae_core.training import (
+    ImageDataset,
+    PatientSliceDataset,
+    evaluate_loss,
+    make_unit_dataset,
+    plan_training,
+    privatized_gradient,
+    reconstruct,
+    resolve_device,
+    resolve_grad_sample_mode,
+    train,
+)
+
+torch.set_num_threads(1)
+
+MODEL = ModelConfig(kind="ae", channels=(8, 16), latent_dim=8, groups=4)
+
+
+def run_cfg(kind="ae", unit="patient", mode="auto", epochs=2, batch_size=4, lr=3e-3, seed=0) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(kind=kind, channels=MODEL.channels, latent_dim=MODEL.latent_dim, groups=MODEL.groups),
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="cpu", num_threads=1),
+        privacy=PrivacyConfig(unit=unit, grad_sample_mode=mode, max_grad_norm=1.0),
+    )
+
+
+def synthetic(n_patients=8, per_patient=3, size=64, seed=0):
+    """Smooth blobs (learnable) grouped by patient."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    images = []
+    for _ in range(n_patients * per_patient):
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        images.append(np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r**2)))
+    return np.asarray(images, dtype=np.float32), np.repeat(np.arange(n_patients), per_patient)
+
+
+def no_opacus_traces(model: nn.Module) -> bool:
+    for m in model.modules():
+        if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks:
+            return False
+        if getattr(m, "_backward_pre_hooks", None):
+            return False
+    attrs = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample")
+    return not any(hasattr(p, a) for p in model.parameters() for a in attrs)
+
+
+# -- devices and plans -----------------------------------------------------------
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MedaeError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_plan_uses_exact_integer_steps_and_caps_the_sample_rate():
+    plan = plan_training(30, TrainConfig(batch_size=10), epochs=2)
+    assert plan.sample_rate == pytest.approx(1 / 3)
+    assert plan.steps_per_epoch == 3 and plan.steps == 6  # not ceil(1/(10/30)) = 4
+    plan = plan_training(31, TrainConfig(batch_size=10), epochs=1)
+    assert plan.steps == 4 and plan.sample_rate == pytest.approx(10 / 31)
+    plan = plan_training(5, TrainConfig(batch_size=32), epochs=3)
+    assert plan.sample_rate == 1.0 and plan.steps == 3 and plan.expected_batch_size == 5
+    with pytest.raises(DataError):
+        plan_training(0, TrainConfig(), epochs=1)
+    with pytest.raises(ConfigError):
+        plan_training(10, TrainConfig(), epochs=0)
+
+
+# -- privacy units -------------------------------------------------------------
+def test_patient_dataset_yields_one_slice_of_each_sampled_patient_per_step():
+    images, _ = synthetic(n_patients=1, per_patient=1)
+    images = np.repeat(images, 12, axis=0)
+    patients = np.array([5, 5, 9, 9, 9, 9, 2, 7, 7, 7, 7, 7])  # uneven, unsorted ids
+    ds = PatientSliceDataset(images, patients, seed=0)
+    assert len(ds) == 4 and list(ds.slices_per_patient()) == [1, 2, 5, 4]  # ids 2, 5, 7, 9
+    order = np.unique(patients)
+    units = torch.tensor([0, 2, 3])
+    seen = {int(u): set() for u in units}
+    for step in range(40):
+        ids = ds.slice_ids(units, step)
+        assert len(ids) == len(units)  # exactly one slice per sampled patient
+        for u, i in zip(units, ids):
+            assert patients[int(i)] == order[int(u)]  # ... and it is that patient's slice
+            seen[int(u)].add(int(i))
+    assert seen[0] == {6} and len(seen[3]) == 4  # draws vary across steps and cover the patient
+    assert torch.equal(ds.slice_ids(units, 7), PatientSliceDataset(images, patients, seed=0).slice_ids(units, 7))
+    assert ds.batch(units, 0).shape == (3, 1, 64, 64)
+
+
+def test_unit_dataset_choice_follows_the_privacy_unit():
+    images, patients = synthetic(n_patients=3, per_patient=2)
+    assert isinstance(make_unit_dataset(images, patients, PrivacyConfig(unit="image")), ImageDataset)
+    ds = make_unit_dataset(images, patients, PrivacyConfig(unit="patient"))
+    assert isinstance(ds, PatientSliceDataset) and len(ds) == 3
+
+
+def test_dp_with_patient_unit_uses_every_patient_once_per_step_at_rate_one():
+    images, patients = synthetic(n_patients=5, per_patient=3)
+    cfg = run_cfg(batch_size=8)  # > 5 patients: sample rate 1, every patient every step
+    plan = plan_training(5, cfg.train, epochs=3)
+    result = train(build_model(cfg.model), images, patients, plan, cfg, noise_multiplier=1.0, dp_seed=0)
+    assert plan.sample_rate == 1.0 and result.steps_taken == 3
+    assert result.num_examples == 3 * 5  # one slice per patient per step
+
+
+# -- training ------------------------------------------------------------------
+def test_non_dp_training_reduces_the_loss():
+    images, patients = synthetic()
+    cfg = run_cfg(unit="image", epochs=4, batch_size=8, lr=1e-2)
+    model = build_model(cfg.model, seed=0)
+    before = evaluate_loss(model, images, "cpu")
+    plan = plan_training(len(images), cfg.train, cfg.train.epochs)
+    result = train(model, images, patients, plan, cfg, noise_multiplier=None)
+    after = evaluate_loss(model, images, "cpu")
+    assert after < 0.7 * before
+    assert result.grad_sample_mode == "none" and result.steps_taken == plan.steps
+    assert result.losses[-1] < result.losses[0]
+    assert result.opacus_epsilon(1e-5) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+def test_dp_training_takes_exactly_the_planned_steps_even_with_empty_batches(mode):
+    images, patients = synthetic(n_patients=40, per_patient=1)
+    cfg = run_cfg(unit="image", mode=mode, epochs=1, batch_size=1)  # q = 1/40: many empty batches
+    plan = plan_training(40, cfg.train, epochs=1)
+    calls = []
+    result = train(
+        build_model(cfg.model), images, patients, plan, cfg,
+        noise_multiplier=1.0, dp_seed=3, progress=lambda done, total: calls.append((done, total)),
+    )
+    assert result.steps_taken == plan.steps == 40
+    assert calls[-1] == (40, 40) and len(calls) == 40
+    assert result.empty_steps > 0  # q = 1/40: P(empty) ~ 0.36 per step; seeded
+    assert result.num_examples > 0
+    assert sum(k for _, _, k in result.accountant_history) == 40
+    assert result.accountant_history[0][:2] == (1.0, pytest.approx(1 / 40))
+    eps = result.opacus_epsilon(1e-5)
+    assert math.isfinite(eps) and eps > 0
+
+
+def test_auto_mode_picks_book_keeping_for_medae_models_and_hooks_otherwise():
+    assert resolve_grad_sample_mode("auto", build_model(MODEL)) == "bk"
+    other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm([2, 2, 2]))
+    assert resolve_grad_sample_mode("auto", other) == "hooks"
+    with pytest.raises(ConfigError, match="grad_sample_mode"):
+        resolve_grad_sample_mode("fast", other)
+
+
+def reference_clipped_mean(model, x, gen_seed, max_grad_norm):
+    """Per-sample gradients one sample at a time, clipped explicitly, averaged."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x, torch.Generator().manual_seed(gen_seed))
+    losses = model.per_sample_loss(x, out)
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norms.append(float(norm))
+        factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        for t, g in zip(total, grads):
+            t += factor * g
+    return [t / x.shape[0] for t in total], norms
+
+
+@pytest.mark.parametrize("kind", ["vae", "sae"])
+@pytest.mark.parametrize("mode", ["auto", "hooks", "ghost"])
+def test_clipped_gradient_matches_a_per_sample_reference(kind, mode):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, channels=(8, 16), latent_dim=8, groups=4), seed=1).double()
+    x = torch.rand(6, 1, 64, 64, dtype=torch.float64)
+    _, norms = reference_clipped_mean(model, x, 5, 1e9)
+    clip = float(np.median(norms))  # half the samples clipped, half not
+    ref, _ = reference_clipped_mean(model, x, 5, clip)
+    got = privatized_gradient(
+        model, x, grad_sample_mode=mode, max_grad_norm=clip, noise_multiplier=0.0,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r, rtol=1e-6, atol=1e-9 * float(r.abs().max()) + 1e-12)
+    assert no_opacus_traces(model)
+
+
+def test_noise_has_the_calibrated_scale():
+    model = build_model(MODEL, seed=0)
+    x = torch.rand(4, 1, 64, 64)
+    clean = privatized_gradient(model, x, grad_sample_mode="auto", max_grad_norm=0.5, noise_multiplier=0.0)
+    noisy = privatized_gradient(
+        model, x, grad_sample_mode="auto", max_grad_norm=0.5, noise_multiplier=2.0,
+        expected_batch_size=4,
+    )
+    diff = torch.cat([(n - c).flatten() for n, c in zip(noisy, clean)])
+    assert float(diff.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.05)
+
+
+@pytest.mark.parametrize("mode", ["auto", "hooks", "ghost", "ew"])
+def test_original_model_keeps_clean_keys_and_can_be_retrained_and_scored(mode):
+    images, patients = synthetic(n_patients=6, per_patient=2)
+    cfg = run_cfg(kind="vae", mode=mode, epochs=1)
+    model = build_model(cfg.model, seed=0)
+    keys = list(model.state_dict())
+    plan = plan_training(6, cfg.train, epochs=1)
+    first = train(model, images, patients, plan, cfg, noise_multiplier=0.8, dp_seed=1)
+    assert list(model.state_dict()) == keys and list(first.state_dict) == keys
+    assert not any(k.startswith("_module") for k in first.state_dict)
+    assert no_opacus_traces(model)
+    assert all(p.grad is None for p in model.parameters())
+    second = train(model, images, patients, plan, cfg, noise_multiplier=0.8, dp_seed=2)
+    assert second.steps_taken == plan.steps
+    assert any(not torch.equal(first.state_dict[k], second.state_dict[k]) for k in keys)
+    assert torch.equal(second.state_dict[keys[0]], model.state_dict()[keys[0]])
+    assert no_opacus_traces(model)
+    rec = reconstruct(model, images[:3], "cpu")
+    assert rec.shape == (3, 64, 64) and rec.dtype == np.float32
+
+
+def test_training_is_deterministic_for_a_fixed_seed_on_cpu():
+    images, patients = synthetic()
+    cfg = run_cfg(kind="dae", epochs=2)
+    plan = plan_training(8, cfg.train, epochs=2)
+
+    def run(noise, dp_seed=None, seed=None):
+        model = build_model(cfg.model, seed=0)
+        train(model, images, patients, plan, cfg, noise_multiplier=noise, dp_seed=dp_seed, seed=seed)
+        return model.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(run(None), run(None))
+    assert not same(run(None), run(None, seed=1))
+    assert same(run(1.0, dp_seed=7), run(1.0, dp_seed=7))
+    # Without an explicit dp_seed the sampler and noise come from OS entropy.
+    assert not same(run(1.0), run(1.0))
+
+
+def test_fedprox_term_pulls_towards_the_starting_weights():
+    images, patients = synthetic()
+    cfg = run_cfg(unit="image", epochs=2, lr=1e-2)
+    plan = plan_training(len(images), cfg.train, epochs=2)
+
+    def drift(mu, noise):
+        model = build_model(cfg.model, seed=0)
+        start = [p.detach().clone() for p in model.parameters()]
+        train(model, images, patients, plan, cfg, noise_multiplier=noise, proximal_mu=mu, dp_seed=0)
+        return sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(model.parameters(), start))
+
+    assert drift(1000.0, None) < drift(0.0, None)
+    assert drift(1000.0, 0.5) < drift(0.0, 0.5)
+
+
+def test_train_rejects_inconsistent_inputs():
+    images, patients = synthetic(n_patients=4, per_patient=2)
+    cfg = run_cfg()
+    model = build_model(cfg.model)
+    with pytest.raises(DataError, match="plan"):
+        train(model, images, patients, plan_training(5, cfg.train, 1), cfg, noise_multiplier=1.0)
+    with pytest.raises(DataError, match="expects"):
+        train(model, images[:, :32, :32], patients, plan_training(4, cfg.train, 1), cfg, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        train(model, images, patients, plan_training(4, cfg.train, 1), cfg, noise_multiplier=-1.0)
