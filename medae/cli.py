@@ -342,13 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure_logging(verbose: bool) -> None:
+    """medae's own messages at INFO (DEBUG with -v); other libraries only warn.
+
+    Flower logs through its own handler; it is kept from propagating so that
+    its records are not printed twice, and held at WARNING unless -v.
+    """
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
     )
+    level = logging.DEBUG if verbose else logging.INFO
+    for name in ("medae", "medae_core", "server", "client"):
+        logging.getLogger(name).setLevel(level)
+    flwr = logging.getLogger("flwr")
+    flwr.propagate = False
+    flwr.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except MedaeError as exc:

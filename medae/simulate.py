@@ -100,6 +100,7 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
     }
     # Sites are offline: the app is installed beforehand, nothing is installed at run time.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # and silence Ray's notice about it
     _run_simulation(
         num_supernodes=cfg.federation.sites,
         client_app=client_app,
