@@ -15,7 +15,7 @@ from scipy import ndimage
 from medae_core.benchmark import LESION_KINDS, MIN_LESION_PIXELS, MR_IMAGE_STORAGE, make_benchmark
 from medae_core.errors import DataError
 
-TINY = dict(sites=2, patients=4, seed=3, slices_per_patient=5)
+TINY = dict(sites=2, patients=4, seed=3, slices_per_patient=6)  # >= 6: all kinds per site
 
 
 @pytest.fixture(scope="module")
