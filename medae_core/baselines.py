@@ -9,7 +9,7 @@ sets of the given sites, so the rows of one table compare like with like:
 - intensity threshold: the plain baseline that beats many autoencoders on
   bright lesions.
 Centralized and single-site models train for rounds × epochs epochs, the same
-budget of passes as a federated site. A simulation's ledgers are its own
+budget of passes as a federated site (without DP: for as many images as with DP). A simulation's ledgers are its own
 (``OUT/ledgers``), never a real site's.
 """
 
@@ -104,8 +104,12 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
         log.info("baseline: centralized training with DP")
         results["centralized, DP"] = train_and_evaluate(pooled, long, test, out_dir / "ledgers")
     log.info("baseline: centralized training without DP")
+    # Without DP an epoch is every image, not one slice per patient: train for as
+    # many images as the DP runs see, so that the rows differ by privacy alone.
+    nondp_epochs = max(1, round(long.train.epochs * pooled.n_train_patients / len(pooled.train_images)))
     results["centralized, no DP"] = train_and_evaluate(
-        pooled, long.with_overrides({"privacy.enabled": False}), test, out_dir / "ledgers")
+        pooled, long.with_overrides({"privacy.enabled": False, "train.epochs": nondp_epochs}), test,
+        out_dir / "ledgers")
     for site in data:
         log.info("baseline: %s alone", site.name)
         results[f"{site.name} alone"] = train_and_evaluate(site, long, test, out_dir / "ledgers")

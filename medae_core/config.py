@@ -29,8 +29,8 @@ class ModelConfig:
     kind: ModelKind = "ae"
     image_size: int = 64  # 64, 128 or 256 px
     in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 stage each
-    latent_dim: int = 128
+    channels: tuple[int, ...] = (16, 32, 64, 64)  # one stride-2 stage each
+    latent_dim: int = 64
     groups: int = 8  # GroupNorm groups (BatchNorm cannot be made private)
     beta: float = 1.0  # VAE: weight of the KL term in the ELBO
     noise_std: float = 0.2  # DAE: std of additive Gaussian noise
@@ -56,9 +56,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5  # single-site epochs; in a federation, epochs per round
-    batch_size: int = 32  # expected batch size (Poisson sampling under DP)
-    lr: float = 1e-3
+    epochs: int = 10  # single-site epochs; in a federation, epochs per round
+    batch_size: int = 16  # expected batch size (Poisson sampling under DP)
+    lr: float = 2e-3
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU
@@ -103,7 +103,7 @@ class FederationConfig:
     trim_beta: float = 0.2  # FedTrimmedAvg
     client_cpus: float = 1.0
     client_gpus: float = 0.0
-    benchmark_patients: int = 24  # built-in benchmark: patients per site
+    benchmark_patients: int = 40  # built-in benchmark: patients per site
     benchmark_seed: int = 0
 
 
