@@ -7,7 +7,6 @@ the work and return JSON-ready summaries that the command line presents.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from medae_core.config import RunConfig
 from medae_core.data import scan_folder
 from medae_core.errors import DataError, NoUsableImagesError
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
+from medae_core.report import write_json
 from medae_core.site import SiteTrainer, evaluate_test, load_site_data
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
         summary["test"], _ = evaluate_test(model, data.test, cfg, trainer.device, threshold.value)
         summary["baseline_intensity"] = intensity_baseline_metrics(data.test, cfg)
     save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={"site": data.name}))
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_json(run_dir / "metrics.json", summary)
     return summary
 
 
@@ -145,15 +145,6 @@ def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, h
         has_mask = scan.has_mask[known] if scan.has_mask is not None else np.zeros(int(known.sum()), bool)
         summary["metrics"] = metrics.evaluate(maps[known], scores[known], scan.labels[known], masks, has_mask,
                                               threshold)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_json(out / "summary.json", summary)
     return summary
 
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from medae_core.scoring import as_stack
+
 log = logging.getLogger(__name__)
 
 # Above this many distinct positive map values, the best-Dice sweep evaluates
@@ -33,14 +35,7 @@ _CHUNK = 64
 
 
 def _stack(a: Any, name: str) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.ndim == 4 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 3:
-        raise ValueError(f"{name} must have shape [N, S, S]; got {arr.shape}")
-    return arr
+    return as_stack(a, name, dtype=None)
 
 
 def _binary(a: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -26,12 +26,17 @@ PRIVACY_NOTE = (
 )
 
 
-def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
-    path = Path(run_dir) / "metrics.json"
-    tmp = path.with_name(f".metrics.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=2, default=_plain))
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (numpy values as plain numbers), so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_plain))
     os.replace(tmp, path)
     return path
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    return write_json(Path(run_dir) / "metrics.json", metrics)
 
 
 def _plain(value):

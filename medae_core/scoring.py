@@ -65,8 +65,8 @@ _CHUNK = 64
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-def _as_stack(a: Any, name: str) -> np.ndarray:
-    """Return a float32 ``[N, S, S]`` view/copy of ``a`` (accepts [S,S] and [N,1,S,S])."""
+def as_stack(a: Any, name: str, dtype: Any = np.float32) -> np.ndarray:
+    """Return an ``[N, S, S]`` view/copy of ``a`` (accepts [S,S] and [N,1,S,S]); ``dtype=None`` keeps it."""
     arr = np.asarray(a)
     if arr.ndim == 2:
         arr = arr[None]
@@ -74,7 +74,7 @@ def _as_stack(a: Any, name: str) -> np.ndarray:
         arr = arr[:, 0]
     if arr.ndim != 3:
         raise ValueError(f"{name} must have shape [N, S, S] (or [S, S], [N, 1, S, S]); got {arr.shape}")
-    return np.asarray(arr, dtype=np.float32)
+    return arr if dtype is None else np.asarray(arr, dtype=dtype)
 
 
 def _as_masks(m: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -119,7 +119,7 @@ def foreground_mask(
     An image with nothing above the threshold gets an all-False mask;
     `image_scores` then falls back to the whole image.
     """
-    imgs = _as_stack(images, "images")
+    imgs = as_stack(images, "images")
     out = np.zeros(imgs.shape, dtype=bool)
     cross = ndimage.generate_binary_structure(2, 1)
     for i, img in enumerate(imgs):
@@ -184,8 +184,8 @@ def residual_maps(
     hyperintensities) and sets the others to 0; for SSIM the same sign gate is
     applied to the SSIM map.
     """
-    x = _as_stack(images, "images")
-    r = _as_stack(recons, "recons")
+    x = as_stack(images, "images")
+    r = as_stack(recons, "recons")
     if x.shape != r.shape:
         raise ValueError(f"images {x.shape} and reconstructions {r.shape} differ in shape")
     x = np.nan_to_num(x)
@@ -221,7 +221,7 @@ def postprocess(
     ``median_filter`` 0 or 1 disables filtering; it must otherwise be odd so the
     map is not shifted. Returns a new float32 array.
     """
-    out = _as_stack(maps, "maps").copy()
+    out = as_stack(maps, "maps").copy()
     k = int(median_filter)
     if k > 1:
         if k % 2 == 0:
@@ -244,7 +244,7 @@ def image_scores(maps: np.ndarray, fg_masks: np.ndarray | None, top_percent: flo
     """
     if not 0.0 < float(top_percent) <= 100.0:
         raise ConfigError(f"scoring.top_percent must be in (0, 100]; got {top_percent}")
-    m = np.nan_to_num(_as_stack(maps, "maps"))
+    m = np.nan_to_num(as_stack(maps, "maps"))
     fg = None if fg_masks is None else _as_masks(fg_masks, m.shape, "fg_masks")
     scores = np.empty(len(m), dtype=np.float64)
     for i in range(len(m)):
@@ -267,7 +267,7 @@ def score_reconstructions(
     ``cfg.vae_score`` (module docstring). ``fg_masks`` defaults to
     `foreground_mask` of the images.
     """
-    x = _as_stack(images, "images")
+    x = as_stack(images, "images")
     fg = foreground_mask(x) if fg_masks is None else _as_masks(fg_masks, x.shape, "fg_masks")
     maps = residual_maps(x, recons, cfg.residual, cfg.positive_only)
     maps = postprocess(maps, fg, cfg.median_filter, cfg.mask_foreground)
@@ -305,7 +305,7 @@ def run_model(
     """
     import torch
 
-    x_all = _as_stack(images, "images")
+    x_all = as_stack(images, "images")
     n = len(x_all)
     kl_fn = getattr(model, "kl_per_sample", None) if with_kl else None
     recons = np.empty_like(x_all)
@@ -369,7 +369,7 @@ def intensity_baseline(
     `image_scores` aggregation as model maps. It cannot find dark lesions.
     """
     cfg = cfg or ScoringConfig()
-    x = np.nan_to_num(_as_stack(images, "images"))
+    x = np.nan_to_num(as_stack(images, "images"))
     fg = foreground_mask(x) if fg_masks is None else _as_masks(fg_masks, x.shape, "fg_masks")
     maps = postprocess(np.clip(x, 0.0, None), fg, cfg.median_filter, cfg.mask_foreground)
     return maps, image_scores(maps, fg, cfg.top_percent)
@@ -420,7 +420,7 @@ def calibrate_pixel_threshold(
     Beyond ``max_pixels`` pixels a deterministic random subsample is used.
     """
     p = _check_percentile(percentile)
-    m = _as_stack(healthy_maps, "healthy_maps")
+    m = as_stack(healthy_maps, "healthy_maps")
     vals = m[_as_masks(fg_masks, m.shape, "fg_masks")] if fg_masks is not None else m.ravel()
     vals = _finite(vals, "map values")
     if vals.size == 0:
