@@ -65,32 +65,58 @@ def _write_config(tmp_path, overrides):
     return path
 
 
+@pytest.fixture(scope="module")
+def local_site(tmp_path_factory):
+    """One site with enough healthy slices for an autoencoder to learn what normal looks like."""
+    from medae_core.benchmark import make_benchmark
+
+    root = tmp_path_factory.mktemp("local") / "data"
+    make_benchmark(root, sites=1, patients=12, seed=3, slices_per_patient=10)
+    return root / "site-1"
+
+
 @pytest.mark.slow
-def test_train_local_then_score_detects_lesions(tiny_benchmark, tmp_path, capsys):
+def test_train_local_then_score_detects_lesions(local_site, tmp_path, capsys):
     from tests.conftest import TINY
 
-    config = _write_config(tmp_path, TINY | {"train.epochs": 30})
-    site = tiny_benchmark / "site-1"
+    config = _write_config(tmp_path, TINY | {"train.epochs": 40})
     run = tmp_path / "run"
-    before = sorted(p.relative_to(site) for p in site.rglob("*"))
-    assert main(["train-local", "--data", str(site), "--out", str(run), "--config", str(config)]) == 0
+    before = sorted(p.relative_to(local_site) for p in local_site.rglob("*"))
+    assert main(["train-local", "--data", str(local_site), "--out", str(run), "--config", str(config),
+                 "--no-dp"]) == 0
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["privacy"]["enabled"] and 0 < summary["privacy"]["epsilon"] <= 50.0
+    assert summary["privacy"]["enabled"] is False
     assert (run / "model" / "weights.pt").is_file() and (run / "model" / "bundle.json").is_file()
 
     out = tmp_path / "scores"
-    assert main(["score", "--model", str(run), "--input", str(site / "test"), "--out", str(out)]) == 0
+    assert main(["score", "--model", str(run), "--input", str(local_site / "test"), "--out", str(out)]) == 0
     with (out / "scores.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    with (site / "test" / "labels.csv").open() as fh:
+    with (local_site / "test" / "labels.csv").open() as fh:
         labels = {r["path"]: int(r["label"]) for r in csv.DictReader(fh)}
     assert {r["path"] for r in rows} == set(labels)
     assert all(r["anomalous"] in ("0", "1") for r in rows)
     y = np.array([labels[r["path"]] for r in rows])
     s = np.array([float(r["score"]) for r in rows])
-    assert roc_auc_score(y, s) > 0.65
+    assert roc_auc_score(y, s) > 0.65  # lesion slices score clearly higher than healthy ones
     assert len(list((out / "heatmaps").glob("*.png"))) == len(rows)
-    assert sorted(p.relative_to(site) for p in site.rglob("*")) == before  # nothing written into the data
+    assert sorted(p.relative_to(local_site) for p in local_site.rglob("*")) == before  # nothing written there
+
+
+@pytest.mark.slow
+def test_train_local_with_dp_reports_epsilon_within_budget(tiny_benchmark, tmp_path, capsys):
+    from medae_core.privacy import PrivacyLedger
+    from tests.conftest import TINY
+
+    config = _write_config(tmp_path, TINY)
+    ledger = tmp_path / "ledger.jsonl"
+    assert main(["train-local", "--data", str(tiny_benchmark / "site-1"), "--out", str(tmp_path / "run"),
+                 "--config", str(config), "--ledger", str(ledger)]) == 0
+    privacy = json.loads((tmp_path / "run" / "metrics.json").read_text())["privacy"]
+    assert privacy["enabled"] and privacy["unit"] == "patient"
+    assert 0 < privacy["epsilon"] <= privacy["budget_epsilon"] == 50.0
+    assert privacy["epsilon"] == pytest.approx(PrivacyLedger.open(ledger).epsilon())
+    assert "ε =" in capsys.readouterr().out
 
 
 def test_score_refuses_to_write_into_the_data_folder(tiny_benchmark, tmp_path, capsys):
