@@ -38,7 +38,7 @@ ALL_MODES = ["nondp", "bk", "hooks", "ghost", "ew", "functorch"]
 
 
 def make_step(kind: str, mode: str, args) -> tuple[callable, int, callable]:
-    cfg = ModelConfig(kind=kind, image_size=args.image_size, channels=tuple(args.channels))
+    cfg = ModelConfig(kind=kind, image_size=args.image_size, channels=tuple(args.channels), latent_dim=args.latent_dim)
     model = build_model(cfg, seed=0)
     model.train()
     x = torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
@@ -109,7 +109,8 @@ def markdown(rows: list[dict], args, load_before, load_after, seconds) -> str:
         f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads",
         f"- load average before / after: {load_before} / {load_after}; took {seconds:.0f} s",
-        f"- model: image_size {args.image_size}, channels {list(args.channels)}, batch {args.batch_size}, "
+        f"- model: image_size {args.image_size}, channels {list(args.channels)}, latent_dim {args.latent_dim}, "
+        f"batch {args.batch_size}, "
         f"{args.reps} repetitions x {args.steps} steps ({args.slow_steps} for ew/functorch), "
         f"{args.warmup} warm-up steps",
         "",
@@ -129,7 +130,8 @@ def main(argv=None) -> None:
     p.add_argument("--kinds", default="ae,vae,dae,sae")
     p.add_argument("--modes", default=",".join(ALL_MODES))
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--channels", default="32,64,128,128")
+    p.add_argument("--channels", default=",".join(map(str, ModelConfig().channels)), help="default: ModelConfig's")
+    p.add_argument("--latent-dim", type=int, default=ModelConfig().latent_dim)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=int(os.environ.get("MEDAE_BENCH_THREADS", "2")))
     p.add_argument("--reps", type=int, default=5)

@@ -41,7 +41,6 @@ what DP-SGD requires anyway.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -318,13 +317,3 @@ def _conv_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
         w_rep, None, m.stride, _pad(m), m.dilation, False, [0, 0], n, [False, True, False],
     )
     return gw.view(n, *w.shape)
-
-
-def per_sample_norms_reference(model: nn.Module, loss_fn, xs: Tensor) -> Tensor:  # pragma: no cover
-    """Slow reference: per-sample gradient norms by one backward per sample."""
-    norms = []
-    params = [p for p in model.parameters() if p.requires_grad]
-    for i in range(xs.shape[0]):
-        grads = torch.autograd.grad(loss_fn(xs[i : i + 1]).sum(), params)
-        norms.append(math.sqrt(sum(float(gr.pow(2).sum()) for gr in grads)))
-    return torch.tensor(norms)

@@ -181,7 +181,9 @@ class SiteTrainer:
         return RoundResult(
             state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
             loss=float(result.mean_loss),
-            num_examples=int(result.num_examples),
+            # Under DP the realised count depends on Poisson sampling of private data;
+            # report the planned expectation instead (it depends only on the site's size).
+            num_examples=int(plan.steps * plan.expected_batch_size if sigma is not None else result.num_examples),
             steps=int(result.steps_taken),
             noise_multiplier=sigma,
             sample_rate=float(plan.sample_rate),
