@@ -10,8 +10,8 @@
 #     build is never replaced);
 #   * on a machine with an NVIDIA GPU (nvidia-smi lists one) pip's default
 #     torch build (CUDA) is installed;
-#   * otherwise the CPU build: first from local wheels (pip's find-links), then
-#     from the PyTorch CPU index.
+#   * otherwise the CPU build: a local wheel from pip's find-links if there is
+#     one, else from the PyTorch CPU index.
 # Set MEDAE_TORCH_VERSION to pin another torch version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +40,13 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   "${pip[@]}" "torch==$torch_version"
 else
   echo "medae install: no GPU, installing CPU torch==$torch_version"
-  "${pip[@]}" --no-index "torch==$torch_version" 2>/dev/null \
-    || "${pip[@]}" "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu
+  # A local CPU wheel (pip's find-links) first; its dependencies then come from
+  # the normal index. Without one, the PyTorch CPU index provides the wheel.
+  if "${pip[@]}" --no-index --no-deps "torch==$torch_version" 2>/dev/null; then
+    "${pip[@]}" "torch==$torch_version"
+  else
+    "${pip[@]}" "torch==$torch_version" --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
 fi
 
 "${pip[@]}" -e ".$extras"
