@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medae_core import metrics, scoring
+from medae_core import scoring
 from medae_core.bundle import load_bundle
 from medae_core.config import RunConfig
 from medae_core.data import Scan
 from medae_core.privacy import PrivacyLedger
-from medae_core.site import SiteData, SiteTrainer, load_site_data
+from medae_core.site import SiteData, SiteTrainer, load_site_data, scored_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def pooled_test(data: list[SiteData]) -> dict[str, np.ndarray] | None:
 
 def evaluate_model(model, cfg: RunConfig, test: dict, threshold: float | None, device) -> dict:
     maps, scores = scoring.anomaly_maps(model, test["images"], cfg.scoring, device)
-    return metrics.evaluate(maps, scores, test["labels"], test["masks"], test["has_mask"], threshold)
+    return scored_metrics(test["images"], maps, scores, test["labels"], test["masks"], test["has_mask"], threshold)[0]
 
 
 def train_and_evaluate(data: SiteData, cfg: RunConfig, test: dict, ledger_dir: Path) -> dict:
@@ -114,6 +114,6 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
         log.info("baseline: %s alone", site.name)
         results[f"{site.name} alone"] = train_and_evaluate(site, long, test, out_dir / "ledgers")
     maps, scores = scoring.intensity_baseline(test["images"], cfg.scoring)
-    results["intensity threshold"] = metrics.evaluate(maps, scores, test["labels"], test["masks"],
-                                                      test["has_mask"], None)
+    results["intensity threshold"] = scored_metrics(test["images"], maps, scores, test["labels"], test["masks"],
+                                                    test["has_mask"], None)[0]
     return results

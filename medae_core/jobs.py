@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medae_core import metrics, scoring
+from medae_core import scoring
 from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.data import scan_folder
 from medae_core.errors import DataError, NoUsableImagesError
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.report import write_json
-from medae_core.site import SiteTrainer, evaluate_test, load_site_data
+from medae_core.site import SiteTrainer, evaluate_test, load_site_data, scored_metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def intensity_baseline_metrics(test, cfg: RunConfig) -> dict:
     maps, scores = scoring.intensity_baseline(test.images[known], cfg.scoring)
     masks = test.masks[known] if test.masks is not None else None
     has_mask = test.has_mask[known] if test.has_mask is not None else np.zeros(int(known.sum()), bool)
-    return metrics.evaluate(maps, scores, test.labels[known], masks, has_mask, None)
+    return scored_metrics(test.images[known], maps, scores, test.labels[known], masks, has_mask, None)[0]
 
 
 def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, heatmaps: bool = True,
@@ -143,8 +143,8 @@ def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, h
         known = scan.labels >= 0
         masks = scan.masks[known] if scan.masks is not None else None
         has_mask = scan.has_mask[known] if scan.has_mask is not None else np.zeros(int(known.sum()), bool)
-        summary["metrics"] = metrics.evaluate(maps[known], scores[known], scan.labels[known], masks, has_mask,
-                                              threshold)
+        summary["metrics"] = scored_metrics(scan.images[known], maps[known], scores[known], scan.labels[known],
+                                            masks, has_mask, threshold)[0]
     write_json(out / "summary.json", summary)
     return summary
 

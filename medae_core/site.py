@@ -217,18 +217,33 @@ def evaluate_test(model, test: Scan, cfg: RunConfig, device, threshold: float | 
     masks = test.masks[known] if test.masks is not None else None
     has_mask = test.has_mask[known] if test.has_mask is not None else np.zeros(len(images), bool)
     maps, scores = scoring.anomaly_maps(model, images, cfg.scoring, device)
-    result = metrics.evaluate(maps, scores, labels, masks, has_mask, threshold)
+    result, pixels = scored_metrics(images, maps, scores, labels, masks, has_mask, threshold)
     histograms = {
         "image-pos": scoring.score_histogram(scores[labels == 1]),
         "image-neg": scoring.score_histogram(scores[labels == 0]),
     }
-    if masks is not None and has_mask.any():
-        fg = scoring.foreground_mask(images[has_mask])
-        pix = maps[has_mask][fg]
-        gt = masks[has_mask][fg]
-        histograms["pixel-pos"] = scoring.score_histogram(pix[gt])
-        histograms["pixel-neg"] = scoring.score_histogram(pix[~gt])
+    if pixels is not None:
+        values, truth = pixels
+        histograms["pixel-pos"] = scoring.score_histogram(values[truth])
+        histograms["pixel-neg"] = scoring.score_histogram(values[~truth])
     return result, histograms
+
+
+def scored_metrics(images, maps, scores, labels, masks, has_mask, threshold):
+    """`metrics.evaluate` on the pixels that count, and those pixels (for histograms).
+
+    Pixels that count: the foreground (plus any lesion pixel outside it) of
+    every image with a mask and of every healthy image (all negative). The
+    exact metrics and the pooled histograms use the same pixels.
+    """
+    fg = scoring.foreground_mask(images)
+    result = metrics.evaluate(maps, scores, labels, masks, has_mask, threshold, fg_masks=fg)
+    if masks is None or not has_mask.any():
+        return result, None
+    gt = masks & has_mask[:, None, None]
+    selected = has_mask | (labels == 0)
+    region = (fg | gt)[selected]
+    return result, (maps[selected][region], gt[selected][region])
 
 
 def require_usable(data: SiteData) -> None:
