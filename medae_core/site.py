@@ -26,7 +26,6 @@ import torch
 from medae_core import metrics, scoring
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
-from medae_core.errors import DataError
 from medae_core.models import build_model
 from medae_core.privacy import PrivacyLedger, calibrate_noise
 from medae_core.training import (
@@ -245,7 +244,3 @@ def scored_metrics(images, maps, scores, labels, masks, has_mask, threshold):
     region = (fg | gt)[selected]
     return result, (maps[selected][region], gt[selected][region])
 
-
-def require_usable(data: SiteData) -> None:
-    if len(data.train_images) == 0:
-        raise DataError(f"site {data.name} has no usable training image in {data.root}")

@@ -181,7 +181,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
     small = dict(sites=1, patients=3, slices_per_patient=3)
     a = make_benchmark(tmp_path / "a", seed=11, **small)
     b = make_benchmark(tmp_path / "b", seed=11, **small)
-    c = make_benchmark(tmp_path / "c", seed=12, **small)
+    make_benchmark(tmp_path / "c", seed=12, **small)
     assert a == b
     pa, pb, pc = _pixels(tmp_path / "a"), _pixels(tmp_path / "b"), _pixels(tmp_path / "c")
     assert pa == pb
