@@ -259,6 +259,27 @@ def cmd_privacy_set_budget(args) -> int:
     return 0
 
 
+# -- certs and keys -----------------------------------------------------------------
+def cmd_certs(args) -> int:
+    from medae.pki import make_certs
+
+    paths = make_certs(args.out, args.server_name)
+    out.print(f"CA and server certificate for {', '.join(args.server_name)} written to {args.out}")
+    out.print(f"  give every site: {paths['ca_cert']}")
+    out.print(f"  keep on the server: {paths['server_cert']}, {paths['server_key']} (owner-only)")
+    out.print(f"  keep offline: {paths['ca_key']} (owner-only)")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from medae.pki import make_site_key
+
+    paths = make_site_key(args.out, args.site)
+    out.print(f"key pair for site {args.site}: keep {paths['private']} at the site (owner-only); "
+              f"send {paths['public']} to the coordinator to authorize it")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -314,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train centralized (DP and non-DP) and per-site models, and the intensity baseline")
     add_device_option(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("certs", help="a private CA and the server's TLS certificate (coordinator)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--server-name", action="append", default=[], metavar="HOST",
+                   help="DNS name or IP address sites connect to (repeatable)")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("keys", help="a site's authentication key pair (at the site)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--site", required=True, help="the site's name, e.g. hospital-a")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("privacy", help="privacy accounting")
     psub = p.add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
