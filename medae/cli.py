@@ -188,7 +188,7 @@ def cmd_simulate(args) -> int:
         "train.device": args.device,
         "privacy.enabled": False if args.no_dp else None,
     })
-    metrics = prepare_and_run(cfg, args.out, baselines=args.baselines, console=console)
+    metrics = prepare_and_run(cfg, args.out, baselines=args.baselines)
     rows = {"federated": metrics.get("test")}
     rows.update({k: v for k, v in (metrics.get("baselines") or {}).items()})
     out.print(results_table(rows))

@@ -122,7 +122,7 @@ def _exit_event():
     return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
 
 
-def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False, console=None) -> dict:
+def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -> dict:
     """Data (the built-in benchmark unless a root is given), simulation, baselines, report."""
     import json
 
