@@ -21,6 +21,7 @@ Where the site's data and ledger are:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,16 +89,14 @@ def site_location(context: Context, cfg: RunConfig) -> tuple[str, Path, Path]:
     return data.name, data, run_dir / "ledgers" / f"{data.name}.jsonl"
 
 
-def open_site(context: Context) -> tuple[str, SiteTrainer, RunConfig]:
+def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer, RunConfig]:
+    """The site's trainer; its privacy ledger is opened only when it is about to train."""
     cfg = RunConfig.from_flat(context.run_config)
     name, data_path, ledger_path = site_location(context, cfg)
     ledger = None
-    if cfg.privacy.enabled:
+    if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)
-        p = cfg.privacy
-        ledger = PrivacyLedger.open(
-            ledger_path, site=name, budget_epsilon=p.budget_epsilon, delta=p.delta, accountant=p.accountant, create=True
-        )
+        ledger = PrivacyLedger.for_config(replace(cfg.privacy, ledger_path=str(ledger_path)), site=name)
     data = load_site_data(data_path, cfg, name=name)
     return name, SiteTrainer(data, cfg, ledger), cfg
 
@@ -114,7 +113,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    name, trainer, cfg = open_site(context)
+    name, trainer, cfg = open_site(context, for_training=True)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     result = trainer.train_round(
@@ -141,7 +140,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    name, trainer, cfg = open_site(context)
+    name, trainer, cfg = open_site(context, for_training=False)
     config = msg.content["config"]
     threshold = float(config["threshold"]) if "threshold" in config else None
     result = trainer.evaluate(msg.content["arrays"].to_torch_state_dict(), threshold)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,20 +66,13 @@ def evaluate_model(model, cfg: RunConfig, test: dict, threshold: float | None, d
 def train_and_evaluate(data: SiteData, cfg: RunConfig, test: dict, ledger_dir: Path) -> dict:
     ledger = None
     if cfg.privacy.enabled:
-        p = cfg.privacy
-        ledger = PrivacyLedger.open(ledger_dir / f"{data.name}-{uuid.uuid4().hex[:6]}.jsonl", site=data.name,
-                                    budget_epsilon=p.budget_epsilon, delta=p.delta, accountant=p.accountant,
-                                    create=True)
+        path = ledger_dir / f"{data.name}-{uuid.uuid4().hex[:6]}.jsonl"
+        ledger = PrivacyLedger.for_config(replace(cfg.privacy, ledger_path=str(path)), site=data.name)
     trainer = SiteTrainer(data, cfg, ledger)
     result = trainer.train_round(None, run_id="baseline", server_round=1)
     evaluation = trainer.evaluate(result.state_dict, with_test=False)
     threshold = scoring.calibrate_threshold(evaluation.healthy_scores, cfg.scoring.threshold_percentile)
-    from medae_core.models import build_model
-
-    model = build_model(cfg.model, seed=cfg.train.seed)
-    model.load_state_dict(result.state_dict)
-    model.to(trainer.device).eval()
-    out = evaluate_model(model, cfg, test, threshold, trainer.device)
+    out = evaluate_model(trainer.model(result.state_dict), cfg, test, threshold, trainer.device)
     out["epsilon"] = result.epsilon if cfg.privacy.enabled else None
     return out
 

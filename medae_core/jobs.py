@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,7 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
     if cfg.privacy.enabled:
         ledger_path = Path(ledger_path) if ledger_path else default_ledger_path(data.name)
         check_ledger_location(ledger_path, site)
-        p = cfg.privacy
-        ledger = PrivacyLedger.open(
-            ledger_path, site=data.name, budget_epsilon=p.budget_epsilon, delta=p.delta,
-            accountant=p.accountant, create=True,
-        )
+        ledger = PrivacyLedger.for_config(replace(cfg.privacy, ledger_path=str(ledger_path)), site=data.name)
     trainer = SiteTrainer(data, cfg, ledger)
     result = trainer.train_round(None, run_id=uuid.uuid4().hex[:12], server_round=1, progress=progress)
     evaluation = trainer.evaluate(result.state_dict, with_test=False)
@@ -79,8 +76,8 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
         "threshold": vars(threshold),
     }
     if data.test is not None and data.test.labels is not None and (data.test.labels >= 0).any():
-        model = Bundle(cfg, result.state_dict, threshold).build_model().to(trainer.device)
-        summary["test"], _ = evaluate_test(model, data.test, cfg, trainer.device, threshold.value)
+        summary["test"], _ = evaluate_test(trainer.model(result.state_dict), data.test, cfg, trainer.device,
+                                           threshold.value)
         summary["baseline_intensity"] = intensity_baseline_metrics(data.test, cfg)
     save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={"site": data.name}))
     write_json(run_dir / "metrics.json", summary)

@@ -110,8 +110,6 @@ class SiteTrainer:
     """Trains and evaluates the shared model on one site's data."""
 
     def __init__(self, data: SiteData, cfg: RunConfig, ledger: PrivacyLedger | None):
-        if cfg.privacy.enabled and ledger is None:
-            raise ValueError("differentially private training needs a privacy ledger")
         if not cfg.privacy.enabled:
             # Without DP there is no privacy unit to protect: an epoch is every image.
             cfg = cfg.with_overrides({"privacy.unit": "image"})
@@ -160,6 +158,8 @@ class SiteTrainer:
             model.load_state_dict(state_dict)
         sigma, epsilon = None, 0.0
         if cfg.privacy.enabled:
+            if self.ledger is None:
+                raise ValueError("differentially private training needs a privacy ledger")
             sigma = self.noise_for_round(plan.sample_rate, plan.steps, rounds_left)
             self.ledger.reserve(
                 sigma, plan.sample_rate, plan.steps, run_id=run_id, round=server_round, unit=cfg.privacy.unit
@@ -193,12 +193,16 @@ class SiteTrainer:
         )
 
     # -- evaluation ----------------------------------------------------------
+    def model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The configured model with these weights, on this site's device, in eval mode."""
+        model = build_model(self.cfg.model, seed=self.cfg.train.seed)
+        model.load_state_dict(state_dict)
+        return model.to(self.device).eval()
+
     def evaluate(
         self, state_dict: dict[str, torch.Tensor], threshold: float | None = None, with_test: bool = True
     ) -> EvalResult:
-        model = build_model(self.cfg.model, seed=self.cfg.train.seed)
-        model.load_state_dict(state_dict)
-        model.to(self.device).eval()
+        model = self.model(state_dict)
         val_loss = evaluate_loss(model, self.data.val_images, self.device, self.cfg.train.batch_size)
         _, healthy = scoring.anomaly_maps(model, self.data.val_images, self.cfg.scoring, self.device)
         result = EvalResult(val_loss=float(val_loss), num_val=len(self.data.val_images), healthy_scores=healthy)
