@@ -29,6 +29,7 @@ from medae_core.errors import MedaeError
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime clients commonly accept for a TLS server certificate
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -63,9 +64,14 @@ def _subject_names(names: list[str]) -> list[x509.GeneralName]:
 
 
 def make_certs(out: str | Path, server_names: list[str]) -> dict[str, Path]:
-    """Write ca.crt, ca.key, server.crt and server.key into ``out``."""
+    """Write ca.crt, ca.key, server.crt and server.key into ``out``.
+
+    The certificate names ``server_names`` and, always, localhost and 127.0.0.1.
+    """
     if not server_names:
         raise PkiError("give at least one --server-name (the DNS name or IP address sites connect to)")
+    # The coordinator's own processes reach the SuperLink on loopback with the same certificate.
+    server_names = list(dict.fromkeys([*server_names, *LOOPBACK_NAMES]))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -23,7 +23,8 @@ def test_certs_make_a_ca_that_signs_the_server_certificate(tmp_path):
     server = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["fl.hospital.example"]
+    # The given names, plus the loopback names the coordinator's own processes use (no duplicates).
+    assert names.get_values_for_type(x509.DNSName) == ["fl.hospital.example", "localhost"]
     assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     key = load_pem_private_key((out / "server.key").read_bytes(), password=None)
