@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from medae_core.config import RunConfig
-from medae_core.errors import BudgetExceededError, DataError, LedgerError, PrivacyError
+from medae_core.errors import BudgetExceededError, DataError, LedgerError, PrivacyError, SitePolicyError
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.scoring import score_histogram
 from medae_core.site import SiteTrainer, load_site_data
@@ -67,7 +67,7 @@ EVAL_METRICS = (
 SITE_FIELDS = ("site", "privacy-unit")
 
 # Error codes of medae refusals (Flower's own codes are below 100).
-BUDGET_EXCEEDED, NO_USABLE_DATA, LEDGER_PROBLEM, SITE_FAILURE = 100, 101, 102, 199
+BUDGET_EXCEEDED, NO_USABLE_DATA, LEDGER_PROBLEM, SITE_POLICY, SITE_FAILURE = 100, 101, 102, 103, 199
 
 
 # -- where things are ---------------------------------------------------------
@@ -93,6 +93,10 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
     """The site's trainer; its privacy ledger is opened only when it is about to train."""
     cfg = RunConfig.from_flat(context.run_config)
     name, data_path, ledger_path = site_location(context, cfg)
+    deployed = "data-path" in context.node_config
+    if deployed and for_training and not cfg.privacy.enabled and not context.node_config.get("allow-no-dp", False):
+        # The run config comes from the server; whether DP may be off is the site's decision.
+        raise SitePolicyError("this site trains only with differential privacy, and the run has it switched off")
     ledger = None
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)
@@ -205,6 +209,9 @@ def _guarded(msg: Message, context: Context, handler) -> Message:
     except BudgetExceededError as exc:
         log.warning("site %s refuses the round: %s", site, exc)
         return refuse(BUDGET_EXCEEDED, f"refused: {exc}")
+    except SitePolicyError as exc:
+        log.warning("site %s refuses the round: %s", site, exc)
+        return refuse(SITE_POLICY, f"refused: {exc}")
     except LedgerError:
         log.exception("site %s: privacy ledger problem", site)
         return refuse(LEDGER_PROBLEM, "cannot train: privacy ledger missing or corrupted; an administrator "

@@ -31,3 +31,7 @@ class BudgetExceededError(PrivacyError):
 
 class LedgerError(PrivacyError):
     """A privacy ledger is missing, corrupted or inconsistent."""
+
+
+class SitePolicyError(PrivacyError):
+    """A run asks a site for something its own policy forbids (e.g. training without DP)."""

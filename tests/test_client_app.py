@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import BUDGET_EXCEEDED, EVAL_METRICS, NO_USABLE_DATA, SITE_FIELDS, TRAIN_METRICS, app
+from client.app import BUDGET_EXCEEDED, EVAL_METRICS, NO_USABLE_DATA, SITE_FIELDS, SITE_POLICY, TRAIN_METRICS, app
 from medae_core.models import build_model
 from medae_core.privacy import PrivacyLedger
 
@@ -124,6 +124,20 @@ def test_a_round_that_would_overspend_is_refused_without_training(tiny_benchmark
     assert reason.startswith("site hospital-c: ") and re.search(r"budget of ε=1\b", reason)
     assert not [i for i in _identifiers(site) if i in reason]
     assert PrivacyLedger.open(ledger).history == []  # nothing was spent
+
+
+def test_a_deployed_site_refuses_a_run_without_dp_unless_it_allows_it(tiny_benchmark, tiny_cfg, tmp_path):
+    """The run config comes from the server; switching DP off is the site's decision, not the server's."""
+    cfg = tiny_cfg.with_overrides({"privacy.enabled": False})
+    site = tiny_benchmark / "site-1"
+    msg = _message(cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1})
+    refused = app(msg, _context(cfg, site, tmp_path / "ledger.jsonl"))
+    assert refused.has_error() and refused.error.code == SITE_POLICY
+    assert "only with differential privacy" in refused.error.reason
+    context = _context(cfg, site, tmp_path / "ledger.jsonl")
+    context.node_config["allow-no-dp"] = True  # `medae client --allow-no-dp`
+    trained = app(_message(cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1}), context)
+    assert not trained.has_error() and trained.content["metrics"]["epsilon"] == 0.0
 
 
 def test_a_site_without_usable_images_says_why(tiny_cfg, tmp_path):
