@@ -280,6 +280,83 @@ def cmd_keys(args) -> int:
     return 0
 
 
+# -- server and client (deployment) -------------------------------------------------
+def _insecure_warning(args) -> None:
+    if args.insecure:
+        from medae.deploy import INSECURE_WARNING
+
+        console.print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}", soft_wrap=True, highlight=False)
+
+
+def _flower_echo(verbose: bool):
+    """Flower's own output: every line with -v, else only its warnings and errors."""
+    from rich.text import Text
+
+    def echo(line: str) -> None:
+        if verbose or "ERROR" in line or "WARN" in line:
+            text = Text.from_ansi(line)
+            text.stylize("dim")
+            console.print(text, soft_wrap=True, highlight=False)
+    return echo
+
+
+def cmd_server(args) -> int:
+    from medae.deploy import ServerOptions, serve
+
+    _insecure_warning(args)
+    cfg = load_config(args, {"federation.rounds": args.rounds, "model.kind": args.model,
+                             "privacy.enabled": False if args.no_dp else None})
+    opts = ServerOptions(run_dir=args.out, certs=args.certs, authorized_keys=args.authorized_keys,
+                         host=args.host, port=args.port, internal_port=args.internal_port, insecure=args.insecure)
+    rounds = cfg.federation.rounds
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("waiting for sites", total=rounds)
+
+        def on_round(done: int, total: int, record: dict | None) -> None:
+            progress.update(task, completed=done, description=f"round {done}/{total}")
+            if record:
+                from server.app import _summary
+
+                progress.console.print(f"round {record['round']}/{total}: {_summary(record)}", highlight=False)
+
+        metrics = serve(cfg, opts, progress=on_round, echo=_flower_echo(args.verbose))
+    out.print(results_table({"federated": metrics.get("test")}))
+    out.print(f"report: {args.out / 'report.html'}; model: {args.out / 'model'}")
+    return 0
+
+
+def cmd_client(args) -> int:
+    from medae.deploy import ClientOptions, join
+    from medae_core.privacy import medae_home
+
+    _insecure_warning(args)
+    cfg = load_config(args, {"privacy.budget_epsilon": args.budget, "train.device": args.device})
+    opts = ClientOptions(server=args.server, data=args.data, ca=args.ca, key=args.key, site_name=args.site_name,
+                         ledger=args.ledger, insecure=args.insecure, allow_no_dp=args.allow_no_dp,
+                         runtime_port=args.runtime_port, max_wait_s=args.max_wait)
+
+    def on_start(site: str, ledger, report: dict) -> None:
+        parts = report["parts"]
+        line = f"site {site}: {parts['train']['usable_images']} training images"
+        if "test" in parts:
+            line += f", {parts['test']['usable_images']} test images"
+        if report["skipped"]:
+            line += f" ({len(report['skipped'])} files skipped; `medae check-data` lists why)"
+        out.print(line, highlight=False)
+        if ledger.exists():
+            from medae_core.privacy import PrivacyLedger
+
+            book = PrivacyLedger.open(ledger)
+            out.print(f"privacy ledger {ledger}: ε {book.epsilon():.3f} spent of {book.budget_epsilon:g}",
+                      highlight=False)
+        out.print(f"joining {args.server}; only outbound connections; Ctrl-C to leave", highlight=False)
+
+    rc = join(cfg, opts, home=medae_home(), echo=_flower_echo(args.verbose), on_start=on_start)
+    out.print("the SuperNode stopped" + ("" if rc == 0 else f" (exit code {rc})"))
+    return rc
+
+
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -335,6 +412,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train centralized (DP and non-DP) and per-site models, and the intensity baseline")
     add_device_option(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("server", help="coordinator: run the federation's server (Flower SuperLink) and one run")
+    add_config_option(p)
+    p.add_argument("--certs", type=Path, help="folder made by `medae certs` (ca.crt, server.crt, server.key)")
+    p.add_argument("--authorized-keys", type=Path, metavar="DIR",
+                   help="the sites' .pub files (made by `medae keys`); other keys are refused")
+    p.add_argument("--port", type=int, default=9092, help="public port sites connect to (default 9092)")
+    p.add_argument("--host", default="0.0.0.0", help="public address to listen on (default all interfaces)")
+    p.add_argument("--internal-port", type=int,
+                   help="loopback port of the SuperLink and its Control API (default PORT+1; never expose it)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--out", type=Path, default=Path("runs/server"),
+                   help="run folder (default runs/server); restarting with the same folder resumes")
+    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
+    p.add_argument("--no-dp", action="store_true", help="ask sites to train without DP (each site may refuse)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (closed test networks)")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("client", help="hospital: join a federation with this site's data (Flower SuperNode)")
+    add_config_option(p)
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--ca", type=Path, help="the federation's ca.crt (from the coordinator)")
+    p.add_argument("--key", type=Path, help="this site's private key (made by `medae keys`)")
+    p.add_argument("--data", type=Path, required=True, help="site folder (SITE/train, optional SITE/test); read only")
+    p.add_argument("--ledger", type=Path, help="privacy ledger (default: per site under the user data folder)")
+    p.add_argument("--site-name", help="name shown to the coordinator (default: the key file's name)")
+    p.add_argument("--budget", type=float, help="this site's total ε budget, when its ledger is created")
+    p.add_argument("--allow-no-dp", action="store_true", help="let the server ask for training without DP")
+    p.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
+    p.add_argument("--max-wait", type=float, metavar="SECONDS",
+                   help="stop after this long without reaching the server (default: keep trying)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (closed test networks)")
+    add_device_option(p)
+    p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("certs", help="a private CA and the server's TLS certificate (coordinator)")
     p.add_argument("--out", type=Path, required=True)

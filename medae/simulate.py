@@ -39,17 +39,31 @@ def app_manifest(flat: dict) -> str:
         "[tool.flwr.app.config]",
     ]
     for key, value in flat.items():
-        lines.append(f'"{key}" = {_toml_value(value)}')
+        lines.append(f'"{key}" = {toml_value(value)}')
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def write_app(cfg: RunConfig, run_dir: Path) -> Path:
+    """RUN/.flwr-app/pyproject.toml: the app manifest whose run_config is ``cfg`` (+ ``run-dir``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    app_dir = run_dir / ".flwr-app"
+    app_dir.mkdir(exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(app_manifest(run_config(cfg, run_dir)))
+    return app_dir
+
+
+def run_config(cfg: RunConfig, run_dir: Path) -> dict:
+    """The run_config both apps receive: the flat `RunConfig` and the run folder."""
+    return cfg.to_flat() | {"run-dir": str(run_dir.resolve())}
 
 
 def site_folders(root: Path) -> list[Path]:
@@ -80,11 +94,8 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
     if cfg.federation.min_sites > cfg.federation.sites:
         raise ConfigError("federation.min_sites cannot exceed federation.sites")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    flat = cfg.to_flat() | {"run-dir": str(run_dir.resolve())}
-    app_dir = run_dir / ".flwr-app"
-    app_dir.mkdir(exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(app_manifest(flat))
+    app_dir = write_app(cfg, run_dir)
+    flat = run_config(cfg, run_dir)
 
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     # The same Run set-up as flwr.simulation.run_simulation, plus our run_config.

@@ -322,6 +322,16 @@ def _check_accountant(accountant: Any) -> None:
 
 
 # -- where ledgers live ------------------------------------------------------------
+def medae_home() -> Path:
+    """medae's own folder on this machine: $MEDAE_HOME, else the user data dir (ledgers, logs)."""
+    base = os.environ.get("MEDAE_HOME")
+    if base:
+        return Path(base).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("medae"))
+
+
 def default_ledger_path(site: str) -> Path:
     """``<base>/ledgers/<safe site name>.jsonl``; base is $MEDAE_HOME or the user data dir.
 
@@ -330,17 +340,10 @@ def default_ledger_path(site: str) -> Path:
     """
     if not site or not site.strip():
         raise PrivacyError("a site name is needed to find its privacy ledger")
-    base = os.environ.get("MEDAE_HOME")
-    if base:
-        root = Path(base).expanduser()
-    else:
-        import platformdirs
-
-        root = Path(platformdirs.user_data_dir("medae"))
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", site).lstrip(".") or "site"
     if safe != site:
         safe = f"{safe}-{hashlib.sha256(site.encode()).hexdigest()[:8]}"
-    return root / "ledgers" / f"{safe}.jsonl"
+    return medae_home() / "ledgers" / f"{safe}.jsonl"
 
 
 def check_ledger_location(ledger_path: str | Path, data_path: str | Path) -> None:

@@ -1,0 +1,212 @@
+"""Deployment end to end on loopback: `medae server` and `medae client` as separate processes.
+
+Certificates and keys are made by `medae certs` / `medae keys`, each site's
+DICOM folder by `medae make-benchmark`. One coordinator (Flower SuperLink
+behind medae's gateway) and three authorized SuperNodes run two rounds; a
+fourth site with an unauthorized key and a fifth that does not trust the
+server's CA try to join and fail clearly. While the run is on, the Control API
+is probed through the public address (refused) and on loopback (served).
+
+Every process is started in its own session and killed in `finally`; the
+whole module is bounded by pytest-timeout and by the waits below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medae.cli import main
+from medae.deploy import free_port
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT_S = 480
+SITES = ("site-a", "site-b", "site-c")
+TINY_TOML = """
+[model]
+channels = [8, 16, 16, 16]
+latent_dim = 32
+groups = 4
+
+[train]
+epochs = 2
+batch_size = 8
+num_threads = 1
+
+[privacy]
+budget_epsilon = 50.0
+
+[federation]
+rounds = 2
+min_sites = 3  # every round waits for all three hospitals
+"""
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _control_probe(address: str, ca: Path) -> dict[str, str]:
+    """Start a run, list runs and pull artifacts with Flower's own Control client; what each answered."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+        ListRunsRequest,
+        PullArtifactsRequest,
+        StartRunRequest,
+    )
+
+    client = init_http_client_from_connection(
+        SuperLinkConnection(name="probe", address=address, root_certificates=str(ca))
+    )
+    answers = {}
+    for name, call in (("list-runs", lambda: client.ListRuns(ListRunsRequest())),
+                       ("start-run", lambda: client.StartRun(StartRunRequest())),
+                       ("pull-artifacts", lambda: client.PullArtifacts(PullArtifactsRequest(run_id=1)))):
+        try:
+            call()
+            answers[name] = "served"
+        except Exception as exc:  # noqa: BLE001 - the answer is what we record
+            answers[name] = f"{type(exc).__name__}: {exc}"
+    return answers
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    certs, other_ca, keys, authorized = root / "certs", root / "other-ca", root / "keys", root / "authorized"
+    assert main(["certs", "--out", str(certs), "--server-name", "127.0.0.1"]) == 0
+    assert main(["certs", "--out", str(other_ca), "--server-name", "127.0.0.1"]) == 0
+    for site in (*SITES, "rogue"):
+        assert main(["keys", "--out", str(keys), "--site", site]) == 0
+    authorized.mkdir()
+    for site in SITES:  # the coordinator authorizes the three hospitals, not "rogue"
+        (authorized / f"{site}.pub").write_bytes((keys / f"{site}.pub").read_bytes())
+    data = root / "data"
+    assert main(["make-benchmark", "--out", str(data), "--sites", "3", "--patients", "6"]) == 0
+    before = _tree(data)
+    config = root / "tiny.toml"
+    config.write_text(TINY_TOML)
+    port = free_port()
+    internal = free_port()
+    run_dir = root / "run"
+    logs = root / "logs"
+    logs.mkdir()
+
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, *args: str) -> None:
+        env = dict(os.environ, MEDAE_HOME=str(root / "home" / name), FLWR_TELEMETRY_ENABLED="0")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "medae", *args], env=env, cwd=root, start_new_session=True,
+            stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    server_addr = f"127.0.0.1:{port}"
+    result: dict = {"run_dir": run_dir, "data": data, "before": before, "logs": logs}
+    try:
+        start("server", "server", "--certs", str(certs), "--authorized-keys", str(authorized), "--config",
+              str(config), "--out", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
+              "--internal-port", str(internal))
+        for i, site in enumerate(SITES, start=1):
+            start(site, "client", "--server", server_addr, "--ca", str(certs / "ca.crt"), "--key",
+                  str(keys / f"{site}.key"), "--data", str(data / f"site-{i}"), "--config", str(config))
+        _wait_port(port, 120, procs["server"])
+        start("rogue", "client", "--server", server_addr, "--ca", str(certs / "ca.crt"), "--key",
+              str(keys / "rogue.key"), "--data", str(data / "site-1"), "--config", str(config))
+        start("wrong-ca", "client", "--server", server_addr, "--ca", str(other_ca / "ca.crt"), "--key",
+              str(keys / "site-a.key"), "--data", str(data / "site-1"), "--config", str(config))
+        # The Control API, through the public address and on the coordinator's loopback.
+        result["public"] = _control_probe(server_addr, certs / "ca.crt")
+        result["loopback"] = _control_probe(f"127.0.0.1:{internal}", certs / "ca.crt")
+        for name in ("rogue", "wrong-ca"):
+            result[f"{name}_rc"] = procs[name].wait(timeout=120)
+        result["server_rc"] = procs["server"].wait(timeout=RUN_TIMEOUT_S)
+        time.sleep(3)
+        result["server_group_after_exit"] = _group_alive(procs["server"].pid)
+    finally:
+        for proc in procs.values():
+            if _group_alive(proc.pid):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while any(_group_alive(p.pid) for p in procs.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for proc in procs.values():
+            if _group_alive(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        result["left_running"] = [n for n, p in procs.items() if _group_alive(p.pid)]
+        result["output"] = {n: (logs / f"{n}.log").read_text(errors="replace") for n in procs}
+    return result
+
+
+def test_two_rounds_complete_and_the_bundle_is_written(deployment):
+    assert deployment["server_rc"] == 0, deployment["output"]["server"][-3000:]
+    run_dir = deployment["run_dir"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["rounds_done"] == 2 and len(metrics["rounds"]) == 2
+    assert sorted(s["site"] for s in metrics["sites"]) == list(SITES)
+    for rnd in metrics["rounds"]:
+        assert all(rnd["sites"][s]["status"] == "ok" for s in SITES)
+    from medae_core.bundle import load_bundle
+
+    bundle = load_bundle(run_dir / "model")
+    assert bundle.info["round"] == 2 and bundle.threshold is not None
+    assert (run_dir / "report.html").stat().st_size > 0
+    assert "round 2/2" in deployment["output"]["server"]
+
+
+def test_the_control_api_is_refused_through_the_public_address(deployment):
+    public, loopback = deployment["public"], deployment["loopback"]
+    for call in ("start-run", "list-runs", "pull-artifacts"):
+        assert public[call] != "served" and "403" in public[call], public
+    # The same client on the coordinator's loopback reaches the Control API (so the probe can fail).
+    assert loopback["list-runs"] == "served", loopback
+
+
+def test_an_unauthorized_site_is_refused(deployment):
+    assert deployment["rogue_rc"] != 0
+    assert "refused site rogue" in deployment["output"]["rogue"]
+    assert "authorized" in deployment["output"]["rogue"]
+
+
+def test_a_site_that_does_not_trust_the_ca_fails_clearly(deployment):
+    assert deployment["wrong-ca_rc"] != 0
+    assert "not trusted" in deployment["output"]["wrong-ca"]
+
+
+def test_every_process_is_stopped_and_no_data_folder_was_written(deployment):
+    assert deployment["server_group_after_exit"] is False  # medae server stopped its SuperLink itself
+    assert deployment["left_running"] == []
+    assert _tree(deployment["data"]) == deployment["before"]
