@@ -334,7 +334,7 @@ def cmd_client(args) -> int:
     cfg = load_config(args, {"privacy.budget_epsilon": args.budget, "train.device": args.device})
     opts = ClientOptions(server=args.server, data=args.data, ca=args.ca, key=args.key, site_name=args.site_name,
                          ledger=args.ledger, insecure=args.insecure, allow_no_dp=args.allow_no_dp,
-                         runtime_port=args.runtime_port, max_wait_s=args.max_wait)
+                         runtime_port=args.runtime_port, max_wait_s=args.max_wait, once=args.once)
 
     def on_start(site: str, ledger, report: dict) -> None:
         parts = report["parts"]
@@ -442,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-no-dp", action="store_true", help="let the server ask for training without DP")
     p.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
     p.add_argument("--max-wait", type=float, metavar="SECONDS",
-                   help="stop after this long without reaching the server (default: keep trying)")
+                   help="a SuperNode gives up after this long without reaching the server (default: keeps trying)")
+    p.add_argument("--once", action="store_true",
+                   help="leave when the SuperNode stops (default: start it again, e.g. after a server restart)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (closed test networks)")
     add_device_option(p)
     p.set_defaults(func=cmd_client)

@@ -53,6 +53,7 @@ from medae_core.errors import MedaeError
 log = logging.getLogger("medae.deploy")
 
 DEFAULT_PORT = 9092
+RESTART_DELAY_S = 10.0
 CONNECTION = "medae"  # the name of the loopback SuperLink connection in RUN/.flower/config.toml
 INSECURE_WARNING = (
     "INSECURE MODE: no TLS and no site authentication. Model updates cross the network in clear text and any "
@@ -429,7 +430,8 @@ class ClientOptions:
     insecure: bool = False
     allow_no_dp: bool = False
     runtime_port: int | None = None  # the SuperNode's local runtime API (loopback); default: a free port
-    max_wait_s: float | None = None  # give up after this long without the server (default: never)
+    max_wait_s: float | None = None  # one SuperNode gives up after this long without the server
+    once: bool = False  # stop when the SuperNode stops, instead of starting a new one
 
 
 def site_name_of(opts: ClientOptions) -> str:
@@ -535,33 +537,47 @@ def check_client_files(opts: ClientOptions) -> None:
 
 
 def join(cfg: RunConfig, opts: ClientOptions, *, home: Path, echo=None, on_start=None) -> int:
-    """Run this site's SuperNode until it stops; 0 when it ended normally."""
+    """Run this site's SuperNode; start it again whenever it stops, unless ``opts.once``.
+
+    A SuperNode ends when it loses its server (a restart, a network cut); the
+    site stays available by starting a new one after `RESTART_DELAY_S`. A
+    refused key or an untrusted server certificate ends `join` with an error:
+    retrying cannot fix either.
+    """
     check_client_files(opts)
     site, ledger, report = prepare_site(cfg, opts)
     if on_start:
         on_start(site, ledger, report)
-    if not opts.insecure:
-        check_server_certificate(opts.server, opts.ca)
     flower_home = home / "flower" / site
     flower_home.mkdir(parents=True, exist_ok=True)
+    while True:
+        if not opts.insecure:
+            check_server_certificate(opts.server, opts.ca)
+        rc, node = _run_supernode(opts, site, ledger, flower_home, home, echo)
+        text = node.output()
+        if any(marker in text for marker in _REFUSED):
+            raise DeployError(
+                f"the server refused site {site}: its key is not authorized there. Send "
+                f"{opts.key.with_suffix('.pub')} to the coordinator, who adds it to the server's --authorized-keys "
+                "folder and restarts the server."
+            )
+        if any(marker in text for marker in _TLS):
+            raise DeployError(f"TLS with {opts.server} failed: the server's certificate is not trusted with "
+                              f"--ca {opts.ca}")
+        if opts.once:
+            if rc != 0:
+                raise DeployError(f"the SuperNode stopped (exit code {rc}); log: {node.log_path}")
+            return 0
+        log.warning("the SuperNode stopped (exit code %s: the server is gone or restarting); starting it again in "
+                    "%.0f s. Ctrl-C to leave the federation.", rc, RESTART_DELAY_S)
+        time.sleep(RESTART_DELAY_S)
+
+
+def _run_supernode(opts, site, ledger, flower_home, home, echo) -> tuple[int, ManagedProcess]:
     node = ManagedProcess("supernode", supernode_argv(opts, site, ledger, flower_home), flower_env(flower_home),
                           home / "logs" / f"{site}-supernode.log", echo=echo)
     try:
         rc = node.wait()
-    except KeyboardInterrupt:
-        node.stop()
-        raise
     finally:
-        if node.alive():
-            node.stop()
-    if rc == 0:
-        return 0
-    text = node.output()
-    if any(marker in text for marker in _REFUSED):
-        raise DeployError(
-            f"the server refused site {site}: its key is not authorized there. Send {opts.key.with_suffix('.pub')} "
-            "to the coordinator, who adds it to the server's --authorized-keys folder and restarts the server."
-        )
-    if any(marker in text for marker in _TLS):
-        raise DeployError(f"TLS with {opts.server} failed: the server's certificate is not trusted with --ca {opts.ca}")
-    raise DeployError(f"the SuperNode stopped (exit code {rc}); log: {node.log_path}")
+        node.stop()  # after Ctrl-C too: never leave a SuperNode (or its ClientApps) behind
+    return rc, node

@@ -134,11 +134,11 @@ def deployment(tmp_path_factory):
         )
 
     server_addr = f"127.0.0.1:{port}"
-    result: dict = {"run_dir": run_dir, "data": data, "before": before, "logs": logs}
+    result: dict = {"run_dir": run_dir, "data": data, "before": before, "logs": logs, "homes": root / "home"}
+    server_args = ("server", "--certs", str(certs), "--authorized-keys", str(authorized), "--config", str(config),
+                   "--out", str(run_dir), "--host", "127.0.0.1", "--port", str(port), "--internal-port", str(internal))
     try:
-        start("server", "server", "--certs", str(certs), "--authorized-keys", str(authorized), "--config",
-              str(config), "--out", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
-              "--internal-port", str(internal))
+        start("server", *server_args, "--rounds", "1")
         for i, site in enumerate(SITES, start=1):
             start(site, "client", "--server", server_addr, "--ca", str(certs / "ca.crt"), "--key",
                   str(keys / f"{site}.key"), "--data", str(data / f"site-{i}"), "--config", str(config))
@@ -152,9 +152,14 @@ def deployment(tmp_path_factory):
         result["loopback"] = _control_probe(f"127.0.0.1:{internal}", certs / "ca.crt")
         for name in ("rogue", "wrong-ca"):
             result[f"{name}_rc"] = procs[name].wait(timeout=120)
-        result["server_rc"] = procs["server"].wait(timeout=RUN_TIMEOUT_S)
+        result["first_rc"] = procs["server"].wait(timeout=RUN_TIMEOUT_S)
         time.sleep(3)
         result["server_group_after_exit"] = _group_alive(procs["server"].pid)
+        result["after_first"] = json.loads((run_dir / "metrics.json").read_text())
+        # The coordinator restarts the server with the same run folder and one more round: it resumes,
+        # and the sites' clients, still running, join the new SuperLink by themselves.
+        start("server-again", *server_args, "--rounds", "2")
+        result["server_rc"] = procs["server-again"].wait(timeout=RUN_TIMEOUT_S)
     finally:
         for proc in procs.values():
             if _group_alive(proc.pid):
@@ -172,7 +177,8 @@ def deployment(tmp_path_factory):
 
 
 def test_two_rounds_complete_and_the_bundle_is_written(deployment):
-    assert deployment["server_rc"] == 0, deployment["output"]["server"][-3000:]
+    assert deployment["first_rc"] == 0, deployment["output"]["server"][-3000:]
+    assert deployment["server_rc"] == 0, deployment["output"]["server-again"][-3000:]
     run_dir = deployment["run_dir"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["rounds_done"] == 2 and len(metrics["rounds"]) == 2
@@ -184,7 +190,21 @@ def test_two_rounds_complete_and_the_bundle_is_written(deployment):
     bundle = load_bundle(run_dir / "model")
     assert bundle.info["round"] == 2 and bundle.threshold is not None
     assert (run_dir / "report.html").stat().st_size > 0
-    assert "round 2/2" in deployment["output"]["server"]
+    assert "round 1/1" in deployment["output"]["server"] and "round 2/2" in deployment["output"]["server-again"]
+
+
+def test_a_restarted_server_resumes_the_run_and_privacy_spending_continues(deployment):
+    first = deployment["after_first"]
+    metrics = json.loads((deployment["run_dir"] / "metrics.json").read_text())
+    assert first["rounds_done"] == 1
+    assert metrics["run_id"] == first["run_id"]  # the same run, continued
+    assert metrics["rounds"][0]["train_loss"] == first["rounds"][0]["train_loss"]
+    eps = [r["sites"]["site-a"]["epsilon"] for r in metrics["rounds"]]
+    assert eps[1] > eps[0] > 0  # ε is cumulative across the restart
+    from medae_core.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger.open(deployment["homes"] / "site-a" / "ledgers" / "site-a.jsonl")
+    assert len(ledger.reservations) == 2
 
 
 def test_the_control_api_is_refused_through_the_public_address(deployment):
