@@ -316,9 +316,9 @@ def cmd_server(args) -> int:
         def on_round(done: int, total: int, record: dict | None) -> None:
             progress.update(task, completed=done, description=f"round {done}/{total}")
             if record:
-                from server.app import _summary
+                from server.app import round_summary
 
-                progress.console.print(f"round {record['round']}/{total}: {_summary(record)}", highlight=False)
+                progress.console.print(f"round {record['round']}/{total}: {round_summary(record)}", highlight=False)
 
         metrics = serve(cfg, opts, progress=on_round, echo=_flower_echo(args.verbose))
     out.print(results_table({"federated": metrics.get("test")}))

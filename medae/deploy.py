@@ -495,15 +495,26 @@ def prepare_site(cfg: RunConfig, opts: ClientOptions) -> tuple[str, Path, dict]:
 
 
 def node_config(site: str, data: Path, ledger: Path, allow_no_dp: bool) -> str:
-    from medae.simulate import toml_value
-
+    """The SuperNode's ``--node-config`` string: the site's paths and name (they never leave the site)."""
     pairs = {
         "data-path": str(data.resolve()),
         "ledger-path": str(ledger),
         "site-name": site,
         "allow-no-dp": allow_no_dp,
     }
-    return " ".join(f"{k}={toml_value(v)}" for k, v in pairs.items())
+    return " ".join(f"{k}={_node_value(v)}" for k, v in pairs.items())
+
+
+def _node_value(value: str | bool) -> str:
+    """A TOML value that Flower's ``--node-config`` parser (one quoted string, no escaped quotes) reads back."""
+    from medae.simulate import toml_value
+
+    if isinstance(value, bool):
+        return toml_value(value)
+    if "\n" in value or ('"' in value and "'" in value):
+        raise DeployError(f"{value!r}: Flower's --node-config cannot carry a path with a line break or with both "
+                          "kinds of quote; use another folder name (or a symlink)")
+    return f"'{value}'" if '"' in value else toml_value(value)  # a TOML literal string keeps " as it is
 
 
 # What the SuperNode prints when the SuperLink refuses its key, and when TLS fails.

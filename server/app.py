@@ -71,7 +71,7 @@ class FederatedRun:
             self.state.rounds.append(record)
             self.state.rounds_done = rnd
             self.save(arrays, threshold)
-            log.info("round %d/%d done: %s", rnd, rounds, _summary(record))
+            log.info("round %d/%d done: %s", rnd, rounds, round_summary(record))
         if threshold is not None and self.state.rounds:
             # Final pass at the final threshold: Dice and decisions at that threshold.
             final = self.evaluate_round(rounds, arrays, threshold)
@@ -194,7 +194,7 @@ class FederatedRun:
         }
 
 
-def _summary(record: dict) -> str:
+def round_summary(record: dict) -> str:
     parts = []
     if record.get("train_loss") is not None:
         parts.append(f"train loss {record['train_loss']:.4f}")
