@@ -507,8 +507,19 @@ def configure_logging(verbose: bool) -> None:
     flwr.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # `docker stop`, systemd and kill send SIGTERM: unwind like Ctrl-C so that the SuperLink or
+    # SuperNode medae started is stopped too (the `finally` blocks run), then exit 143.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    if args.command in ("server", "client") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     configure_logging(args.verbose)
     try:
         return args.func(args)

@@ -122,7 +122,7 @@ class ManagedProcess:
         self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, errors="replace", start_new_session=True,
+            text=True, errors="replace", start_new_session=True, preexec_fn=_die_with_parent,
         )
         self._echo = echo
         self._reader = threading.Thread(target=self._pump, name=f"{name}-output", daemon=True)
@@ -162,6 +162,15 @@ class ManagedProcess:
             self.proc.wait(5)
         self._reader.join(timeout=5)
         self._log.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): get SIGTERM when medae dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(pid: int, sig: int) -> None:

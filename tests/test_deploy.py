@@ -69,6 +69,25 @@ def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def _processes_of(home: Path) -> list[str]:
+    """Every live process (any depth, any session) started under the MEDAE_HOME ``home`` or below it."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            state = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("State:"))
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, StopIteration):
+            continue
+        if "zombie" in state:
+            continue
+        if any(e.startswith(b"MEDAE_HOME=" + str(home).encode()) for e in environ):
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -154,24 +173,29 @@ def deployment(tmp_path_factory):
             result[f"{name}_rc"] = procs[name].wait(timeout=120)
         result["first_rc"] = procs["server"].wait(timeout=RUN_TIMEOUT_S)
         time.sleep(3)
-        result["server_group_after_exit"] = _group_alive(procs["server"].pid)
+        # medae server stopped its SuperLink, SuperExec and ServerApp processes itself.
+        result["server_processes_after_exit"] = _processes_of(root / "home" / "server")
         result["after_first"] = json.loads((run_dir / "metrics.json").read_text())
         # The coordinator restarts the server with the same run folder and one more round: it resumes,
         # and the sites' clients, still running, join the new SuperLink by themselves.
         start("server-again", *server_args, "--rounds", "2")
         result["server_rc"] = procs["server-again"].wait(timeout=RUN_TIMEOUT_S)
     finally:
+        # As `docker stop` or an operator would: SIGTERM to each medae process only. Each must stop
+        # the Flower processes it started (other sessions) before it exits.
         for proc in procs.values():
-            if _group_alive(proc.pid):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while any(_group_alive(p.pid) for p in procs.values()) and time.monotonic() < deadline:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _processes_of(root / "home") and time.monotonic() < deadline:
             time.sleep(0.5)
-        for proc in procs.values():
+        result["left_running"] = _processes_of(root / "home")
+        for proc in procs.values():  # clean up after a failure, whatever it left
             if _group_alive(proc.pid):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        result["left_running"] = [n for n, p in procs.items() if _group_alive(p.pid)]
+        for line in result["left_running"]:
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
         result["output"] = {n: (logs / f"{n}.log").read_text(errors="replace") for n in procs}
     return result
 
@@ -227,6 +251,6 @@ def test_a_site_that_does_not_trust_the_ca_fails_clearly(deployment):
 
 
 def test_every_process_is_stopped_and_no_data_folder_was_written(deployment):
-    assert deployment["server_group_after_exit"] is False  # medae server stopped its SuperLink itself
-    assert deployment["left_running"] == []
+    assert deployment["server_processes_after_exit"] == []  # medae server stopped its SuperLink itself
+    assert deployment["left_running"] == []  # SIGTERM to medae client stopped its SuperNode and ClientApps
     assert _tree(deployment["data"]) == deployment["before"]

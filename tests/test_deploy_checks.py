@@ -107,3 +107,50 @@ def test_cli_refuses_to_start_a_client_without_ca_or_key(tmp_path, tiny_benchmar
     rc = main(["client", "--server", "127.0.0.1:1", "--data", str(tiny_benchmark / "site-1")])
     assert rc == 2
     assert "--ca is required" in capsys.readouterr().err
+
+
+def test_sigterm_to_medae_client_stops_its_supernode(tmp_path, tiny_benchmark):
+    """`docker stop` / kill send SIGTERM to medae only; the SuperNode it started (own session) must go too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medae.deploy import free_port
+
+    home = tmp_path / "home"
+    env = dict(os.environ, MEDAE_HOME=str(home))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medae", "client", "--insecure", "--site-name", "s", "--server",
+         f"127.0.0.1:{free_port()}", "--data", str(tiny_benchmark / "site-1")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def supernodes() -> list[int]:
+        pids = []
+        for p in os.listdir("/proc"):
+            try:
+                cmd = open(f"/proc/{p}/cmdline", "rb").read()
+                environ = open(f"/proc/{p}/environ", "rb").read()
+            except OSError:
+                continue
+            if b"flower-supernode" in cmd and f"MEDAE_HOME={home}".encode() in environ:
+                pids.append(int(p))
+        return pids
+
+    try:
+        deadline = time.monotonic() + 60
+        while not supernodes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert supernodes(), "the client never started its SuperNode"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 15
+        while supernodes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert supernodes() == []
+    finally:
+        for pid in supernodes():
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
