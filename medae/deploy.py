@@ -275,6 +275,8 @@ class Coordinator:
         self.superlink: ManagedProcess | None = None
         self.gateway = None
         self.run_id: int | None = None
+        self.site_of_node: dict[int, str] = {}
+        self.online: set[str] = set()
 
     @property
     def internal_address(self) -> str:
@@ -351,7 +353,8 @@ class Coordinator:
     def register_sites(self) -> None:
         for site, pub in self.files.site_keys.items():
             try:
-                self.flwr("supernode", "register", str(pub), CONNECTION, "--name", site)
+                answer = self.flwr("supernode", "register", str(pub), CONNECTION, "--name", site)
+                self.site_of_node[int(answer["node-id"])] = site
             except DeployError as exc:
                 if "already in use" in str(exc).lower():  # a restarted SuperLink keeping its database
                     continue
@@ -394,6 +397,7 @@ class Coordinator:
                 seen = state.get("rounds_done", 0)
                 if self.progress:
                     self.progress(seen, rounds, (state.get("rounds") or [None])[-1])
+            self._report_sites(client)
             status = run_status(client, self.run_id)
             if status[0] == "finished":
                 break
@@ -405,6 +409,22 @@ class Coordinator:
         if not metrics_path.exists():
             raise DeployError(f"run {self.run_id} finished without writing {metrics_path}")
         return json.loads(metrics_path.read_text())
+
+    def _report_sites(self, client) -> None:
+        """Log authorized sites as they come online and go offline (from the Control API)."""
+        from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=no-name-in-module
+
+        try:
+            nodes = client.ListNodes(ListNodesRequest()).nodes_info
+        except Exception:  # noqa: BLE001 - a view only; the run goes on
+            return
+        online = {self.site_of_node[n.node_id] for n in nodes
+                  if n.status == "online" and n.node_id in self.site_of_node}
+        for site in sorted(online - self.online):
+            log.info("site %s is online (%d of %d authorized sites)", site, len(online), len(self.site_of_node))
+        for site in sorted(self.online - online):
+            log.warning("site %s went offline", site)
+        self.online = online
 
     def _state(self) -> dict | None:
         try:
