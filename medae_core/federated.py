@@ -5,7 +5,8 @@ Sites send only scalars and histogram counts (fixed, shared bins from
 - the global anomaly threshold: the percentile of the pooled healthy-score
   histogram;
 - pooled test metrics: image AUROC/AUPRC from label-split image-score
-  histograms, pixel AUPRC and best Dice from label-split pixel histograms.
+  histograms, pixel AUPRC, best Dice and Dice at the global threshold from
+  label-split pixel histograms.
 Histogram metrics are exact up to the bin width: every score in a bin is
 treated as tied.
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from medae_core.config import RunConfig
 from medae_core.errors import ConfigError
-from medae_core.scoring import threshold_from_histogram
+from medae_core.scoring import score_bin_index, threshold_from_histogram
 
 STATE = "state.json"
 
@@ -73,11 +74,23 @@ def dice_best_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
     return float(np.max(2 * tp / (2 * tp + fp + fn)))
 
 
-def pool_evaluations(site_evals: list[dict[str, Any]], percentile: float) -> dict[str, Any]:
+def dice_at_threshold_from_histograms(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float | None:
+    """Global Dice of ``score >= threshold``; exact when ``threshold`` is a bin edge (as pooled thresholds are)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    k = int(score_bin_index([threshold])[0])
+    tp, fp, fn = pos[k:].sum(), neg[k:].sum(), pos[:k].sum()
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if denom > 0 else None
+
+
+def pool_evaluations(
+    site_evals: list[dict[str, Any]], percentile: float, threshold: float | None = None
+) -> dict[str, Any]:
     """Combine per-site evaluation replies into a threshold and pooled metrics.
 
     Each element holds ``healthy_hist`` and optionally ``image_pos``,
     ``image_neg``, ``pixel_pos``, ``pixel_neg`` (histogram counts).
+    ``threshold``: the threshold the sites evaluated at (pixel Dice at it).
     """
 
     def total(key: str) -> np.ndarray | None:
@@ -104,6 +117,10 @@ def pool_evaluations(site_evals: list[dict[str, Any]], percentile: float) -> dic
                 pixel_auprc=auprc_from_histograms(pixel_pos, pixel_neg),
                 dice_best=dice_best_from_histograms(pixel_pos, pixel_neg),
             )
+            if threshold is not None:
+                pooled["test"]["dice_at_threshold"] = dice_at_threshold_from_histograms(
+                    pixel_pos, pixel_neg, threshold
+                )
         pooled["curves"] = {"image_pos": image_pos.tolist(), "image_neg": image_neg.tolist()}
     return pooled
 

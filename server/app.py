@@ -102,7 +102,7 @@ class FederatedRun:
         sites = self.site_records(replies, train=False)
         ok = [s for s in sites.values() if s["status"] == "ok"]
         pooled = pool_evaluations(
-            [s.pop("histograms") for s in ok], self.cfg.scoring.threshold_percentile
+            [s.pop("histograms") for s in ok], self.cfg.scoring.threshold_percentile, threshold
         )
         weights = np.array([s["num_val"] for s in ok], dtype=float)
         val_loss = float(np.average([s["val_loss"] for s in ok], weights=weights)) if ok and weights.sum() else None

@@ -49,6 +49,22 @@ def test_dice_best_from_histograms_matches_brute_force():
     assert dice == pytest.approx(brute, abs=0.02)
 
 
+def test_pooled_dice_at_threshold_is_exact_at_a_bin_edge():
+    from medae_core.federated import dice_at_threshold_from_histograms
+    from medae_core.scoring import SCORE_BINS
+
+    pos, neg = _scores(seed=3, n_pos=300, n_neg=3000)
+    for threshold in SCORE_BINS[[500, 560, 620, 700]]:
+        direct = 2 * (pos >= threshold).sum() / ((pos >= threshold).sum() + (neg >= threshold).sum() + len(pos))
+        pooled = dice_at_threshold_from_histograms(score_histogram(pos), score_histogram(neg), threshold)
+        assert pooled == pytest.approx(direct, rel=1e-12)
+    evals = [{"healthy_hist": score_histogram(neg), "image_pos": score_histogram(pos), "image_neg": score_histogram(neg),
+              "pixel_pos": score_histogram(pos), "pixel_neg": score_histogram(neg)}]
+    assert "dice_at_threshold" not in pool_evaluations(evals, 95.0)["test"]
+    edge = SCORE_BINS[np.searchsorted(SCORE_BINS, np.median(pos))]  # a bin edge near the positives
+    assert 0 < pool_evaluations(evals, 95.0, threshold=edge)["test"]["dice_at_threshold"] < 1
+
+
 def test_pooled_threshold_matches_percentile_of_pooled_scores():
     rng = np.random.default_rng(2)
     sites = [rng.lognormal(-3 + 0.3 * k, 0.4, size=200 + 50 * k) for k in range(3)]
