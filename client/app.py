@@ -89,14 +89,29 @@ def site_location(context: Context, cfg: RunConfig) -> tuple[str, Path, Path]:
     return data.name, data, run_dir / "ledgers" / f"{data.name}.jsonl"
 
 
+def check_site_policy(cfg: RunConfig, node: dict) -> None:
+    """A deployed site's own privacy policy (node config from `medae client`) against the server's run config.
+
+    The run config comes from the server; whether DP may be off, and what one
+    unit of privacy is, are the site's decisions. (Budget, δ and accountant are
+    pinned by the site's ledger.)
+    """
+    if not cfg.privacy.enabled:
+        if not node.get("allow-no-dp", False):
+            raise SitePolicyError("this site trains only with differential privacy, and the run has it switched off")
+        return
+    unit = str(node.get("privacy-unit", "patient"))
+    if cfg.privacy.unit != unit:
+        raise SitePolicyError(f"this site accounts privacy per {unit}; the run asks for per-{cfg.privacy.unit} "
+                              "accounting")
+
+
 def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer, RunConfig]:
     """The site's trainer; its privacy ledger is opened only when it is about to train."""
     cfg = RunConfig.from_flat(context.run_config)
     name, data_path, ledger_path = site_location(context, cfg)
-    deployed = "data-path" in context.node_config
-    if deployed and for_training and not cfg.privacy.enabled and not context.node_config.get("allow-no-dp", False):
-        # The run config comes from the server; whether DP may be off is the site's decision.
-        raise SitePolicyError("this site trains only with differential privacy, and the run has it switched off")
+    if "data-path" in context.node_config and for_training:
+        check_site_policy(cfg, context.node_config)
     ledger = None
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)

@@ -140,6 +140,17 @@ def test_a_deployed_site_refuses_a_run_without_dp_unless_it_allows_it(tiny_bench
     assert not trained.has_error() and trained.content["metrics"]["epsilon"] == 0.0
 
 
+def test_a_deployed_site_refuses_a_weaker_privacy_unit_than_its_own(tiny_benchmark, tiny_cfg, tmp_path):
+    cfg = tiny_cfg.with_overrides({"privacy.unit": "image"})
+    msg = _message(cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1})
+    context = _context(cfg, tiny_benchmark / "site-1", tmp_path / "ledger.jsonl")
+    context.node_config["privacy-unit"] = "patient"  # what `medae client` sets from the site's own config
+    refused = app(msg, context)
+    assert refused.has_error() and refused.error.code == SITE_POLICY
+    assert "per patient" in refused.error.reason
+    assert not (tmp_path / "ledger.jsonl").exists()  # refused before the ledger was opened
+
+
 def test_a_site_without_usable_images_says_why(tiny_cfg, tmp_path):
     empty = tmp_path / "empty-site"
     (empty / "train").mkdir(parents=True)
