@@ -112,6 +112,8 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
     name, data_path, ledger_path = site_location(context, cfg)
     if "data-path" in context.node_config and for_training:
         check_site_policy(cfg, context.node_config)
+    if context.node_config.get("device"):  # the site's hardware is the site's choice (`medae client --device`)
+        cfg = replace(cfg, train=replace(cfg.train, device=str(context.node_config["device"])))
     ledger = None
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)

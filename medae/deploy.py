@@ -523,11 +523,13 @@ def prepare_site(cfg: RunConfig, opts: ClientOptions) -> tuple[str, Path, dict]:
     return site, ledger_path, report
 
 
-def node_config(site: str, data: Path, ledger: Path, allow_no_dp: bool, privacy_unit: str = "patient") -> str:
+def node_config(site: str, data: Path, ledger: Path, allow_no_dp: bool, privacy_unit: str = "patient",
+                device: str = "auto") -> str:
     """The SuperNode's ``--node-config`` string: the site's paths, name and privacy policy.
 
     Paths never leave the site. ``allow-no-dp`` and ``privacy-unit`` are the
-    site's own policy, which the ClientApp enforces against the server's run.
+    site's own policy, which the ClientApp enforces against the server's run;
+    ``device`` (auto, cpu, cuda, cuda:N) is the site's hardware choice.
     """
     pairs = {
         "data-path": str(data.resolve()),
@@ -535,6 +537,7 @@ def node_config(site: str, data: Path, ledger: Path, allow_no_dp: bool, privacy_
         "site-name": site,
         "allow-no-dp": allow_no_dp,
         "privacy-unit": privacy_unit,
+        "device": device,
     }
     return " ".join(f"{k}={_node_value(v)}" for k, v in pairs.items())
 
@@ -556,10 +559,9 @@ _REFUSED = ("Failed to activate SuperNode", "Invalid SuperNode authentication", 
 _TLS = ("CERTIFICATE_VERIFY_FAILED", "SSL/TLS handshake error")
 
 
-def supernode_argv(opts: ClientOptions, site: str, ledger: Path, flower_home: Path,
-                   privacy_unit: str = "patient") -> list[str]:
-    argv = [flower_tool("flower-supernode"), "--superlink", opts.server,
-            "--node-config", node_config(site, opts.data, ledger, opts.allow_no_dp, privacy_unit),
+def supernode_argv(opts: ClientOptions, site: str, ledger: Path, flower_home: Path, cfg: RunConfig) -> list[str]:
+    node = node_config(site, opts.data, ledger, opts.allow_no_dp, cfg.privacy.unit, cfg.train.device)
+    argv = [flower_tool("flower-supernode"), "--superlink", opts.server, "--node-config", node,
             "--isolation", "subprocess", "--port", str(opts.runtime_port or free_port())]
     if opts.insecure:
         argv.append("--insecure")
@@ -599,7 +601,7 @@ def join(cfg: RunConfig, opts: ClientOptions, *, home: Path, echo=None, on_start
     while True:
         if not opts.insecure:
             check_server_certificate(opts.server, opts.ca)
-        rc, node = _run_supernode(opts, site, ledger, flower_home, home, echo, cfg.privacy.unit)
+        rc, node = _run_supernode(opts, site, ledger, flower_home, home, echo, cfg)
         text = node.output()
         if any(marker in text for marker in _REFUSED):
             raise DeployError(
@@ -619,8 +621,8 @@ def join(cfg: RunConfig, opts: ClientOptions, *, home: Path, echo=None, on_start
         time.sleep(RESTART_DELAY_S)
 
 
-def _run_supernode(opts, site, ledger, flower_home, home, echo, unit) -> tuple[int, ManagedProcess]:
-    node = ManagedProcess("supernode", supernode_argv(opts, site, ledger, flower_home, unit), flower_env(flower_home),
+def _run_supernode(opts, site, ledger, flower_home, home, echo, cfg) -> tuple[int, ManagedProcess]:
+    node = ManagedProcess("supernode", supernode_argv(opts, site, ledger, flower_home, cfg), flower_env(flower_home),
                           home / "logs" / f"{site}-supernode.log", echo=echo)
     try:
         rc = node.wait()

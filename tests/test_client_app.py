@@ -151,6 +151,16 @@ def test_a_deployed_site_refuses_a_weaker_privacy_unit_than_its_own(tiny_benchma
     assert not (tmp_path / "ledger.jsonl").exists()  # refused before the ledger was opened
 
 
+def test_the_sites_device_choice_overrides_the_runs(tiny_benchmark, tiny_cfg, tmp_path):
+    """A run may ask for CUDA; a site without a GPU (`medae client --device cpu`) trains on its CPU."""
+    cfg = tiny_cfg.with_overrides({"train.device": "cuda:3"})
+    msg = lambda: _message(cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1})  # noqa: E731
+    assert app(msg(), _context(cfg, tiny_benchmark / "site-2", tmp_path / "a.jsonl")).has_error()  # no cuda:3 here
+    context = _context(cfg, tiny_benchmark / "site-2", tmp_path / "b.jsonl")
+    context.node_config["device"] = "cpu"
+    assert not app(msg(), context).has_error()
+
+
 def test_a_site_without_usable_images_says_why(tiny_cfg, tmp_path):
     empty = tmp_path / "empty-site"
     (empty / "train").mkdir(parents=True)

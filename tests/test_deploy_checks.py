@@ -22,19 +22,20 @@ def certs(tmp_path):
     return out
 
 
-def test_the_supernode_gets_tls_its_key_and_a_node_config_flower_parses(tmp_path, tiny_benchmark, certs):
+def test_the_supernode_gets_tls_its_key_and_a_node_config_flower_parses(tmp_path, tiny_benchmark, certs, tiny_cfg):
     from flwr.common.config import parse_config_args
 
     data = tiny_benchmark / "site-1"
     opts = ClientOptions(server="fl.example.org:9092", data=data, ca=certs / "ca.crt", key=tmp_path / "site-a.key")
-    argv = supernode_argv(opts, "site-a", tmp_path / "ledger's path.jsonl", tmp_path / "flower")
+    cfg = tiny_cfg.with_overrides({"train.device": "cuda:1"})
+    argv = supernode_argv(opts, "site-a", tmp_path / "ledger's path.jsonl", tmp_path / "flower", cfg)
     assert argv[argv.index("--superlink") + 1] == "fl.example.org:9092"
     assert argv[argv.index("--root-certificates") + 1] == str((certs / "ca.crt").resolve())
     assert "--auth-supernode-private-key" in argv and "--insecure" not in argv
     assert not any("runtime-dependency" in a for a in argv)  # offline: Flower's default (no installs) is kept
     node = parse_config_args([argv[argv.index("--node-config") + 1]])
     assert node == {"data-path": str(data.resolve()), "ledger-path": str(tmp_path / "ledger's path.jsonl"),
-                    "site-name": "site-a", "allow-no-dp": False, "privacy-unit": "patient"}
+                    "site-name": "site-a", "allow-no-dp": False, "privacy-unit": "patient", "device": "cuda:1"}
 
 
 @pytest.mark.parametrize("name", ['a "quoted" name', "back\\slash and space", "it's"])
