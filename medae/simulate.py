@@ -28,6 +28,8 @@ def app_manifest(flat: dict) -> str:
         "[project]",
         'name = "medae-run"',
         'version = "1.0.0"',
+        'description = "One medae run: the installed server.app and client.app with this run\'s settings"',
+        'license = "Apache-2.0"',
         "",
         "[tool.flwr.app]",
         'publisher = "medae"',
