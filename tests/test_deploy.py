@@ -88,6 +88,22 @@ def _processes_of(home: Path) -> list[str]:
     return found
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4/IPv6 addresses with a listening TCP socket on ``port`` (from /proc/net/tcp*)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -166,6 +182,8 @@ def deployment(tmp_path_factory):
               str(keys / "rogue.key"), "--data", str(data / "site-1"), "--config", str(config))
         start("wrong-ca", "client", "--server", server_addr, "--ca", str(other_ca / "ca.crt"), "--key",
               str(keys / "site-a.key"), "--data", str(data / "site-1"), "--config", str(config))
+        # The SuperLink (Fleet + Control + runtime APIs) listens on loopback only; the public port is the gateway.
+        result["superlink_listens_on"] = _listening_addresses(internal)
         # The Control API, through the public address and on the coordinator's loopback.
         result["public"] = _control_probe(server_addr, certs / "ca.crt")
         result["loopback"] = _control_probe(f"127.0.0.1:{internal}", certs / "ca.crt")
@@ -237,6 +255,8 @@ def test_the_control_api_is_refused_through_the_public_address(deployment):
         assert public[call] != "served" and "403" in public[call], public
     # The same client on the coordinator's loopback reaches the Control API (so the probe can fail).
     assert loopback["list-runs"] == "served", loopback
+    # and only loopback: 0100007F is 127.0.0.1 in /proc/net/tcp (not 00000000, all interfaces)
+    assert deployment["superlink_listens_on"] == {"0100007F"}
 
 
 def test_an_unauthorized_site_is_refused(deployment):
