@@ -150,7 +150,13 @@ class ManagedProcess:
         return rc
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the whole group (Flower's children too), then SIGKILL what is left."""
+        """Stop the process and everything it started, in any session.
+
+        Flower starts its helpers (SuperExec, ServerApp, ClientApps) in sessions
+        of their own, out of reach of a process-group signal; they are found as
+        descendants before the parent goes (after that they are re-parented).
+        """
+        family = _descendants(self.proc.pid)
         if self.alive():
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
@@ -160,8 +166,53 @@ class ManagedProcess:
         _signal_group(self.proc.pid, signal.SIGKILL)  # children that outlived their parent
         if self.alive():
             self.proc.wait(5)
+        _stop_pids(family, grace_s=5.0)
         self._reader.join(timeout=5)
         self._log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_pids(pids: list[int], grace_s: float) -> None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + grace_s
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _die_with_parent() -> None:

@@ -190,7 +190,6 @@ def deployment(tmp_path_factory):
         for name in ("rogue", "wrong-ca"):
             result[f"{name}_rc"] = procs[name].wait(timeout=120)
         result["first_rc"] = procs["server"].wait(timeout=RUN_TIMEOUT_S)
-        time.sleep(3)
         # medae server stopped its SuperLink, SuperExec and ServerApp processes itself.
         result["server_processes_after_exit"] = _processes_of(root / "home" / "server")
         result["after_first"] = json.loads((run_dir / "metrics.json").read_text())
