@@ -117,7 +117,7 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
     ledger = None
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)
-        ledger = PrivacyLedger.for_config(replace(cfg.privacy, ledger_path=str(ledger_path)), site=name)
+        ledger = PrivacyLedger.for_config(cfg.privacy, site=name, path=ledger_path)
     data = load_site_data(data_path, cfg, name=name)
     return name, SiteTrainer(data, cfg, ledger), cfg
 

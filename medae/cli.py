@@ -23,6 +23,7 @@ from rich.logging import RichHandler  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from medae.deploy import DEFAULT_PORT  # noqa: E402
 from medae_core.config import RunConfig  # noqa: E402
 from medae_core.errors import MedaeError  # noqa: E402
 
@@ -302,6 +303,7 @@ def _flower_echo(verbose: bool):
 
 def cmd_server(args) -> int:
     from medae.deploy import ServerOptions, serve
+    from server.app import round_summary
 
     _insecure_warning(args)
     cfg = load_config(args, {"federation.rounds": args.rounds, "model.kind": args.model,
@@ -316,8 +318,6 @@ def cmd_server(args) -> int:
         def on_round(done: int, total: int, record: dict | None) -> None:
             progress.update(task, completed=done, description=f"round {done}/{total}")
             if record:
-                from server.app import round_summary
-
                 progress.console.print(f"round {record['round']}/{total}: {round_summary(record)}", highlight=False)
 
         metrics = serve(cfg, opts, progress=on_round, echo=_flower_echo(args.verbose))
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certs", type=Path, help="folder made by `medae certs` (ca.crt, server.crt, server.key)")
     p.add_argument("--authorized-keys", type=Path, metavar="DIR",
                    help="the sites' .pub files (made by `medae keys`); other keys are refused")
-    p.add_argument("--port", type=int, default=9092, help="public port sites connect to (default 9092)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="public port sites connect to (default %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="public address to listen on (default all interfaces)")
     p.add_argument("--internal-port", type=int,
                    help="loopback port of the SuperLink and its Control API (default PORT+1; never expose it)")

@@ -405,11 +405,9 @@ class Coordinator:
         for site, pub in self.files.site_keys.items():
             try:
                 answer = self.flwr("supernode", "register", str(pub), CONNECTION, "--name", site)
-                self.site_of_node[int(answer["node-id"])] = site
             except DeployError as exc:
-                if "already in use" in str(exc).lower():  # a restarted SuperLink keeping its database
-                    continue
                 raise DeployError(f"cannot authorize site {site} ({pub.name}): {exc}") from None
+            self.site_of_node[int(answer["node-id"])] = site
             log.info("authorized site %s", site)
 
     def start_gateway(self) -> None:
@@ -485,17 +483,11 @@ class Coordinator:
 
 
 def serve(cfg: RunConfig, opts: ServerOptions, *, progress=None, echo=None) -> dict:
-    """Start everything, run the federation to its end, stop everything; the metrics."""
-    from medae_core.bundle import load_bundle
-    from medae_core.report import reference_images, write_report
-
+    """Start everything, run the federation to its end (the ServerApp writes RUN/), stop everything; the metrics."""
     with Coordinator(cfg, opts, progress=progress, echo=echo) as coordinator:
         coordinator.start()
         coordinator.launch()
-        metrics = coordinator.wait()
-    run_dir = opts.run_dir.resolve()
-    write_report(run_dir, metrics, load_bundle(run_dir / "model"), reference=reference_images(cfg))
-    return metrics
+        return coordinator.wait()
 
 
 # -- client ---------------------------------------------------------------------
@@ -552,7 +544,6 @@ def check_server_certificate(server: str, ca: Path, timeout_s: float = 10.0) -> 
 
 def prepare_site(cfg: RunConfig, opts: ClientOptions) -> tuple[str, Path, dict]:
     """Check the data and open (or create) the ledger before joining: (site, ledger path, data report)."""
-    from dataclasses import replace
 
     from medae_core.data import check_data
     from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
@@ -570,7 +561,7 @@ def prepare_site(cfg: RunConfig, opts: ClientOptions) -> tuple[str, Path, dict]:
     ledger_path = (opts.ledger or default_ledger_path(site)).expanduser().resolve()
     check_ledger_location(ledger_path, opts.data)
     if cfg.privacy.enabled:
-        PrivacyLedger.for_config(replace(cfg.privacy, ledger_path=str(ledger_path)), site=site)
+        PrivacyLedger.for_config(cfg.privacy, site=site, path=ledger_path)
     return site, ledger_path, report
 
 

@@ -159,6 +159,6 @@ def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -
         sites = site_folders(Path(cfg.federation.data_root))[: cfg.federation.sites]
         metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model")
         write_metrics(run_dir, metrics)
-    bundle = load_bundle(run_dir / "model")
-    write_report(run_dir, metrics, bundle, reference=reference_images(cfg))
+        # The ServerApp wrote the report; it is rewritten only to add the baselines.
+        write_report(run_dir, metrics, load_bundle(run_dir / "model"), reference=reference_images(cfg))
     return metrics

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +66,7 @@ def train_and_evaluate(data: SiteData, cfg: RunConfig, test: dict, ledger_dir: P
     ledger = None
     if cfg.privacy.enabled:
         path = ledger_dir / f"{data.name}-{uuid.uuid4().hex[:6]}.jsonl"
-        ledger = PrivacyLedger.for_config(replace(cfg.privacy, ledger_path=str(path)), site=data.name)
+        ledger = PrivacyLedger.for_config(cfg.privacy, site=data.name, path=path)
     trainer = SiteTrainer(data, cfg, ledger)
     result = trainer.train_round(None, run_id="baseline", server_round=1)
     evaluation = trainer.evaluate(result.state_dict, with_test=False)

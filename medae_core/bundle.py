@@ -10,7 +10,6 @@ even when a server saves one after every round.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from medae_core.config import RunConfig
 from medae_core.errors import BundleError
+from medae_core.fileio import atomic_write, write_json
 
 BUNDLE_FORMAT = 1
 WEIGHTS = "weights.pt"
@@ -74,8 +74,8 @@ def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
         "info": bundle.info,
     }
     state = {k: v.detach().cpu() for k, v in bundle.state_dict.items()}
-    _atomic_write(directory / WEIGHTS, lambda fh: torch.save(state, fh))
-    _atomic_write(directory / META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(directory / WEIGHTS, lambda fh: torch.save(state, fh))
+    write_json(directory / META, meta)
     return directory
 
 
@@ -93,11 +93,3 @@ def load_bundle(path: str | Path) -> Bundle:
     threshold = Threshold(**meta["threshold"]) if meta.get("threshold") else None
     return Bundle(RunConfig.from_dict(meta["config"]), state, threshold, meta.get("info", {}))
 
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -18,7 +18,6 @@ server saves it after every round so that a restarted run resumes.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 
 from medae_core.config import RunConfig
 from medae_core.errors import ConfigError
+from medae_core.fileio import write_json
 from medae_core.scoring import score_bin_index, threshold_from_histogram
 
 STATE = "state.json"
@@ -155,8 +155,5 @@ class RunState:
         return state
 
     def save(self, run_dir: Path) -> None:
-        path = Path(run_dir) / STATE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{STATE}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(run_dir) / STATE, asdict(self))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import logging
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
     if cfg.privacy.enabled:
         ledger_path = Path(ledger_path) if ledger_path else default_ledger_path(data.name)
         check_ledger_location(ledger_path, site)
-        ledger = PrivacyLedger.for_config(replace(cfg.privacy, ledger_path=str(ledger_path)), site=data.name)
+        ledger = PrivacyLedger.for_config(cfg.privacy, site=data.name, path=ledger_path)
     trainer = SiteTrainer(data, cfg, ledger)
     result = trainer.train_round(None, run_id=uuid.uuid4().hex[:12], server_round=1, progress=progress)
     evaluation = trainer.evaluate(result.state_dict, with_test=False)

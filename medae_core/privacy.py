@@ -427,9 +427,15 @@ class PrivacyLedger:
         return ledger
 
     @classmethod
-    def for_config(cls, cfg: PrivacyConfig, *, site: str, create: bool = True) -> PrivacyLedger:
-        """Open a site's ledger as a `PrivacyConfig` describes it (default path if empty)."""
-        path = Path(cfg.ledger_path) if cfg.ledger_path else default_ledger_path(site)
+    def for_config(
+        cls, cfg: PrivacyConfig, *, site: str, create: bool = True, path: str | Path | None = None
+    ) -> PrivacyLedger:
+        """Open a site's ledger as a `PrivacyConfig` describes it.
+
+        ``path`` (where the caller keeps this site's ledger) wins over
+        ``cfg.ledger_path``, which wins over the default path for ``site``.
+        """
+        path = path or cfg.ledger_path or default_ledger_path(site)
         return cls.open(
             path,
             site=site,
@@ -794,9 +800,9 @@ class PrivacyLedger:
     def _check(self, records: list[dict[str, Any]], sigma: float, q: float, steps: int) -> float:
         sigma, q, steps = _check_run(sigma, q, steps)
         header, budget = records[0], _budget(records)
-        spent = self._epsilon(records)
         projected = compute_epsilon(_history(records) + [(sigma, q, steps)], header["delta"], header["accountant"])
         if projected > budget:
+            spent = self._epsilon(records)
             raise BudgetExceededError(
                 f"site {header['site']!r}: training {steps} steps at noise multiplier {sigma:.4g} and sample rate "
                 f"{q:.4g} would bring its privacy spending to ε={projected:.4g}, over its budget of ε={budget:g} "

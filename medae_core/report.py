@@ -9,15 +9,13 @@ benchmark's generator). Curves come from pooled histogram counts.
 from __future__ import annotations
 
 import html
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medae_core import figures
+from medae_core.fileio import write_json
 
 PRIVACY_NOTE = (
     "ε bounds what the model weights reveal about any one {unit} of a site (DP-SGD, Opacus, {accountant} "
@@ -26,25 +24,8 @@ PRIVACY_NOTE = (
 )
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (numpy values as plain numbers), so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_plain))
-    os.replace(tmp, path)
-    return path
-
-
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
     return write_json(Path(run_dir) / "metrics.json", metrics)
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -61,6 +42,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _img(png: bytes, alt: str) -> str:
+    from medae_core import figures  # matplotlib: only when a report is drawn
+
     return f'<img alt="{html.escape(alt)}" src="{figures.to_data_uri(png)}">'
 
 
@@ -86,14 +69,12 @@ def reference_figures(bundle, reference) -> list[str]:
     """Reconstructions and anomaly maps of public reference slices (and VAE samples)."""
     import torch
 
+    from medae_core import figures
     from medae_core import scoring
-    from medae_core.training import reconstruct, resolve_device
 
     images, masks = reference
-    device = resolve_device("cpu")
     model = bundle.build_model()
-    recons = reconstruct(model, images, device, 32)
-    maps, scores = scoring.anomaly_maps(model, images, bundle.config.scoring, device)
+    recons, maps, scores = scoring.reconstruct_and_score(model, images, bundle.config.scoring, "cpu", 32)
     titles = [f"score {s:.3g}" for s in scores]
     rows = [("input", list(images)), ("reconstruction", list(recons)),
             ("anomaly map", list(maps), "inferno")]
@@ -109,6 +90,7 @@ def reference_figures(bundle, reference) -> list[str]:
 
 def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None) -> Path:
     """Write ``RUN/report.html``; ``reference`` = (images, masks) of public slices."""
+    from medae_core import figures
     cfg = bundle.config
     rounds = metrics.get("rounds", [])
     sections = []

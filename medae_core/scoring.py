@@ -344,11 +344,24 @@ def anomaly_maps(
     ``cfg.vae_score`` needs it and the model has ``kl_per_sample``; for other
     models ``vae_score`` is ignored.
     """
+    _, maps, scores = reconstruct_and_score(model, images, cfg, device, batch_size, progress)
+    return maps, scores
+
+
+def reconstruct_and_score(
+    model: Any,
+    images: np.ndarray,
+    cfg: ScoringConfig,
+    device: Any = "cpu",
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`anomaly_maps` with the reconstructions it scored: ``(recons, maps, scores)``, one model pass."""
     need_kl = cfg.vae_score in ("elbo", "kl")
     if need_kl and not hasattr(model, "kl_per_sample"):
         log.info("scoring.vae_score=%s applies to VAEs only; this model is scored on reconstruction", cfg.vae_score)
     recons, kl = run_model(model, images, device, batch_size, with_kl=need_kl, progress=progress)
-    return score_reconstructions(images, recons, cfg, kl=kl)
+    return (recons, *score_reconstructions(images, recons, cfg, kl=kl))
 
 
 # ---------------------------------------------------------------------------

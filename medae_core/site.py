@@ -27,7 +27,7 @@ from medae_core import metrics, scoring
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
 from medae_core.models import build_model
-from medae_core.privacy import PrivacyLedger, calibrate_noise
+from medae_core.privacy import PrivacyLedger
 from medae_core.training import (
     evaluate_loss,
     plan_training,
@@ -128,17 +128,9 @@ class SiteTrainer:
 
     def noise_for_round(self, sample_rate: float, steps: int, rounds_left: int) -> float:
         """The configured σ, or the smallest σ that fits the remaining plan in the budget."""
-        p = self.cfg.privacy
-        if p.noise_multiplier is not None:
-            return p.noise_multiplier
-        return calibrate_noise(
-            p.budget_epsilon,
-            p.delta,
-            sample_rate,
-            steps * max(rounds_left, 1),
-            p.accountant,
-            already_spent_history=self.ledger.history,
-        )
+        if self.cfg.privacy.noise_multiplier is not None:
+            return self.cfg.privacy.noise_multiplier
+        return self.ledger.calibrate(sample_rate, steps * max(rounds_left, 1))
 
     def train_round(
         self,
@@ -161,10 +153,10 @@ class SiteTrainer:
             if self.ledger is None:
                 raise ValueError("differentially private training needs a privacy ledger")
             sigma = self.noise_for_round(plan.sample_rate, plan.steps, rounds_left)
-            self.ledger.reserve(
+            entry = self.ledger.reserve(
                 sigma, plan.sample_rate, plan.steps, run_id=run_id, round=server_round, unit=cfg.privacy.unit
             )
-            epsilon = self.ledger.epsilon()
+            epsilon = entry["epsilon_after"]  # ε with this round, computed under the ledger's lock
         result = train(
             model,
             self.data.train_images,

@@ -26,7 +26,7 @@ from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.federated import RunState, pool_evaluations
 from medae_core.models import build_model
-from medae_core.report import write_metrics, write_report
+from medae_core.report import reference_images, write_metrics, write_report
 from server.strategy import build_strategy
 
 log = logging.getLogger("medae.server")
@@ -77,7 +77,8 @@ class FederatedRun:
             final = self.evaluate_round(rounds, arrays, threshold)
             self.state.rounds[-1]["final"] = final
             self.save(arrays, threshold)
-        write_report(self.run_dir, self.metrics(), load_bundle(self.run_dir / "model"))
+        write_report(self.run_dir, self.metrics(), load_bundle(self.run_dir / "model"),
+                     reference=reference_images(self.cfg))
         log.info("run %s complete: %s", self.state.run_id, self.run_dir)
 
     # -- one round --------------------------------------------------------------
