@@ -123,3 +123,5 @@ def test_score_refuses_to_write_into_the_data_folder(tiny_benchmark, tmp_path, c
     site = tiny_benchmark / "site-2"
     assert main(["score", "--model", str(tmp_path), "--input", str(site), "--out", str(site / "out")]) == 2
     assert not (site / "out").exists()
+    # refused for being inside the data folder, before the (missing) model is even looked at
+    assert "inside the data folder" in capsys.readouterr().err

@@ -10,9 +10,19 @@ import re
 import numpy as np
 import pydicom
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import BUDGET_EXCEEDED, EVAL_METRICS, NO_USABLE_DATA, SITE_FIELDS, SITE_POLICY, TRAIN_METRICS, app
+from client.app import (
+    BUDGET_EXCEEDED,
+    EVAL_METRICS,
+    NO_USABLE_DATA,
+    SITE_FAILURE,
+    SITE_FIELDS,
+    SITE_POLICY,
+    TRAIN_METRICS,
+    app,
+)
 from medae_core.models import build_model
 from medae_core.privacy import PrivacyLedger
 
@@ -155,10 +165,15 @@ def test_the_sites_device_choice_overrides_the_runs(tiny_benchmark, tiny_cfg, tm
     """A run may ask for CUDA; a site without a GPU (`medae client --device cpu`) trains on its CPU."""
     cfg = tiny_cfg.with_overrides({"train.device": "cuda:3"})
     msg = lambda: _message(cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1})  # noqa: E731
-    assert app(msg(), _context(cfg, tiny_benchmark / "site-2", tmp_path / "a.jsonl")).has_error()  # no cuda:3 here
+    refused = app(msg(), _context(cfg, tiny_benchmark / "site-2", tmp_path / "a.jsonl"))  # no cuda:3 here
+    assert refused.has_error() and refused.error.code == SITE_FAILURE
     context = _context(cfg, tiny_benchmark / "site-2", tmp_path / "b.jsonl")
     context.node_config["device"] = "cpu"
-    assert not app(msg(), context).has_error()
+    trained = app(msg(), context)
+    assert not trained.has_error() and trained.content["metrics"]["epsilon"] > 0
+    sent = build_model(cfg.model, seed=0).state_dict()
+    returned = trained.content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(sent[k], returned[k]) for k in sent)  # it really trained
 
 
 def test_a_site_without_usable_images_says_why(tiny_cfg, tmp_path):

@@ -28,7 +28,7 @@ import pytest
 from medae.cli import main
 from medae.deploy import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # the module fixture runs two servers
 
 RUN_TIMEOUT_S = 480
 SITES = ("site-a", "site-b", "site-c")
