@@ -48,6 +48,8 @@ TRAIN_METRICS = (
     "sample-rate",
     "seconds",
     "images-per-second",
+    "trained-parameters",
+    "noise-to-signal",
 )
 EVAL_METRICS = (
     "num-examples",
@@ -57,12 +59,15 @@ EVAL_METRICS = (
     "image-neg-hist",
     "pixel-pos-hist",
     "pixel-neg-hist",
+    "baseline-image-pos-hist",
+    "baseline-image-neg-hist",
     "image-auroc",
     "image-auprc",
     "pixel-auroc",
     "pixel-auprc",
     "dice-best",
     "dice-at-threshold",
+    "baseline-image-auroc",
 )
 SITE_FIELDS = ("site", "privacy-unit")
 
@@ -155,6 +160,8 @@ def _train(msg: Message, context: Context) -> Message:
         "sample-rate": result.sample_rate,
         "seconds": result.seconds,
         "images-per-second": result.images_per_second,
+        "trained-parameters": result.trained_parameters,
+        "noise-to-signal": result.noise_to_signal or 0.0,
     }
     log.info("site %s round %d: loss %.4f, epsilon %.2f", name, server_round, result.loss, result.epsilon)
     return _reply(msg, name, cfg, metrics, TRAIN_METRICS, arrays=ArrayRecord(result.state_dict))
@@ -172,7 +179,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
     }
     for key, counts in result.test_histograms.items():
         metrics[f"{key}-hist"] = _counts(counts)
-    for key in ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold"):
+    for key in ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold",
+                "baseline_image_auroc"):
         value = result.test.get(key)
         if value is not None and np.isfinite(value):
             metrics[key.replace("_", "-")] = float(value)

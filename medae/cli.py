@@ -54,7 +54,12 @@ def progress_bar(description: str):
 
 def load_config(args, overrides: dict) -> RunConfig:
     cfg = RunConfig.load(args.config) if getattr(args, "config", None) else RunConfig()
-    return cfg.with_overrides(overrides)
+    cfg = cfg.with_overrides(overrides)
+    init = cfg.train.init.strip()
+    if init and init.lower() not in ("builtin", "none", "scratch"):
+        # Flower's app processes run elsewhere: hand them an absolute path.
+        cfg = cfg.with_overrides({"train.init": str(Path(init).expanduser().resolve())})
+    return cfg
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
@@ -100,14 +105,41 @@ def cmd_make_benchmark(args) -> int:
 
     with progress_bar("synthesising patients") as progress:
         summary = make_benchmark(args.out, sites=args.sites, patients=args.patients, seed=args.seed,
-                                 progress=progress)
+                                 test_patients=args.test_patients, public=args.public, progress=progress)
     table = Table(title=f"benchmark written to {args.out}")
     for col in ("site", "train patients", "test patients", "train slices", "test slices", "anomalous"):
         table.add_column(col)
     for site in summary["sites"]:
-        table.add_row(*(str(site.get(k, "")) for k in (
-            "site", "train_patients", "test_patients", "train_slices", "test_slices", "anomalous_slices")))
+        table.add_row(site["name"], str(site["train"]["patients"]), str(site["test"]["patients"]),
+                      str(site["train"]["slices"]), str(site["test"]["slices"]), str(site["test"]["anomalous_slices"]))
+    if "public" in summary:
+        pub = summary["public"]
+        table.add_row("public", str(pub["patients"]), "–", str(pub["slices"]), "–", "–")
     out.print(table)
+    if "public" in summary:
+        out.print(f"public set (healthy, for `medae pretrain`): {Path(args.out) / 'public'}")
+    return 0
+
+
+# -- pretrain -----------------------------------------------------------------------
+def cmd_pretrain(args) -> int:
+    from medae_core.pretrain import pretrain
+
+    cfg = load_config(args, {
+        "model.kind": args.model,
+        "model.image_size": args.image_size,
+        "train.epochs": args.epochs,
+        "train.device": args.device,
+    })
+    with progress_bar(f"pretraining {cfg.model.kind} on public data (no DP)") as progress:
+        summary = pretrain(args.data, args.out, cfg, description=args.description, progress=progress)
+    table = Table(title=f"public model → {args.out}", show_header=False)
+    table.add_row("data", summary["data"])
+    table.add_row("patients / images", f"{summary['patients']} / {summary['images']}")
+    table.add_row("loss (train / val)", f"{summary['loss']:.4f} / {summary['val_loss']:.4f}")
+    table.add_row("privacy", "none: pretraining data must be public (no site's patients)")
+    out.print(table)
+    out.print(f'start a run from it: train.init = "{args.out}" in a config file, or --init {args.out}')
     return 0
 
 
@@ -122,6 +154,7 @@ def cmd_train_local(args) -> int:
         "train.device": args.device,
         "privacy.enabled": False if args.no_dp else None,
         "privacy.budget_epsilon": args.budget,
+        "train.init": args.init,
     })
     with progress_bar(f"training {cfg.model.kind}") as progress:
         summary = train_local(args.data, args.out, cfg, ledger_path=args.ledger, progress=progress)
@@ -186,7 +219,9 @@ def cmd_simulate(args) -> int:
         "federation.sites": args.sites,
         "federation.rounds": args.rounds,
         "model.kind": args.model,
+        "model.image_size": args.image_size,
         "train.device": args.device,
+        "train.init": args.init,
         "privacy.enabled": False if args.no_dp else None,
     })
     metrics = prepare_and_run(cfg, args.out, baselines=args.baselines)
@@ -306,7 +341,7 @@ def cmd_server(args) -> int:
     from server.app import round_summary
 
     _insecure_warning(args)
-    cfg = load_config(args, {"federation.rounds": args.rounds, "model.kind": args.model,
+    cfg = load_config(args, {"federation.rounds": args.rounds, "model.kind": args.model, "train.init": args.init,
                              "privacy.enabled": False if args.no_dp else None})
     opts = ServerOptions(run_dir=args.out, certs=args.certs, authorized_keys=args.authorized_keys,
                          host=args.host, port=args.port, internal_port=args.internal_port, insecure=args.insecure)
@@ -377,7 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=24, help="patients per site")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-patients", type=int, help="test patients per site (default: a third of --patients)")
+    p.add_argument("--public", type=int, default=0, metavar="N",
+                   help="also write DIR/public/: N healthy patients from scanners no site uses, for `medae pretrain`")
     p.set_defaults(func=cmd_make_benchmark)
+
+    p = sub.add_parser("pretrain", help="train a model WITHOUT DP on public data, as the start of private runs")
+    p.add_argument("--data", type=Path, required=True,
+                   help="public images only (e.g. make-benchmark's DIR/public, IXI, OASIS): no site's patients")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
+    p.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
+    p.add_argument("--image-size", type=int, choices=(64, 128, 256))
+    p.add_argument("--description", help="what the data is, recorded in the bundle (default: from the folder)")
+    add_config_option(p)
+    add_device_option(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train-local", help="train on one site (DP by default) and write a model bundle")
     p.add_argument("--data", type=Path, required=True, help="site folder (SITE/train, optional SITE/test)")
@@ -388,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     p.add_argument("--budget", type=float, help="the site's total ε budget")
     p.add_argument("--ledger", type=Path, help="privacy ledger (default: per site under the user data folder)")
+    p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
+                   '(the public model shipped with medae; the default) or "none" (random)')
     add_config_option(p)
     add_device_option(p)
     p.set_defaults(func=cmd_train_local)
@@ -407,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int)
     p.add_argument("--out", type=Path, default=Path("runs/simulate"))
     p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
+    p.add_argument("--image-size", type=int, choices=(64, 128, 256))
     p.add_argument("--no-dp", action="store_true")
+    p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
+                   '(the public model shipped with medae; the default) or "none" (random)')
     p.add_argument("--baselines", action="store_true",
                    help="also train centralized (DP and non-DP) and per-site models, and the intensity baseline")
     add_device_option(p)
@@ -427,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (default runs/server); restarting with the same folder resumes")
     p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
     p.add_argument("--no-dp", action="store_true", help="ask sites to train without DP (each site may refuse)")
+    p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
+                   '(the public model shipped with medae; the default) or "none" (random)')
+
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (closed test networks)")
     p.set_defaults(func=cmd_server)
 
@@ -467,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--noise-multiplier", type=float, required=True)
     q.add_argument("--steps", type=int, required=True)
     q.add_argument("--delta", type=float, required=True)
-    q.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    q.add_argument("--accountant", choices=("pld", "rdp", "prv"), default="pld",
+                   help="pld (default: dp-accounting, tightest), rdp or prv (Opacus)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_privacy_epsilon)
     q = psub.add_parser("ledger", help="show a site's privacy ledger")

@@ -149,6 +149,7 @@ def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -
         if not (root / "benchmark.json").exists():
             log.info("writing the built-in benchmark (%d sites) to %s", cfg.federation.sites, root)
             make_benchmark(root, sites=cfg.federation.sites, patients=cfg.federation.benchmark_patients,
+                           test_patients=cfg.federation.benchmark_test_patients or None,
                            seed=cfg.federation.benchmark_seed)
         cfg = cfg.with_overrides({"federation.data_root": str(root.resolve())})
     run_simulation(cfg, run_dir)

@@ -67,6 +67,8 @@ SLOPES = (1.0, 0.5, 2.0, 0.25)
 SLICE_RANGE = (0.4, 0.85)  # share of the template brain z extent: top of cerebellum to vertex-ish
 WM_REFERENCE = 0.84  # mean template intensity in white matter
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+PUBLIC_STREAM = 6000  # offset of the public set's random streams (scanners and patients)
+PUBLIC_SCANNERS = 4  # scanners the public set's patients are spread over
 
 LABEL_RULE = (
     f"A lesion's mask is where its effective weight is >= 0.5. A lesion is drawn into a slice "
@@ -154,13 +156,19 @@ class SiteAppearance:
     manufacturer_model: str
 
 
-def _site_appearance(seed: int, index: int) -> SiteAppearance:
-    rng = np.random.default_rng([seed, 1000 + index])
+def _site_appearance(seed: int, index: int, *, public: bool = False) -> SiteAppearance:
+    """Scanner `index` of the sites, or (``public=True``) of the public set.
+
+    The public scanners draw from their own random streams (keys 7000+ instead
+    of 1000+), so no generated site shares a public scanner's appearance.
+    """
+    stream = PUBLIC_STREAM if public else 0
+    rng = np.random.default_rng([seed, stream + 1000 + index])
     # Cyclic choices over a seed-dependent order guarantee that the first sites differ.
-    order = np.random.default_rng([seed, 999]).permutation(len(MATRIX_SIZES))
+    order = np.random.default_rng([seed, stream + 999]).permutation(len(MATRIX_SIZES))
     pick = int(order[index % len(order)])
     matrix = MATRIX_SIZES[pick]
-    slope = SLOPES[int(np.random.default_rng([seed, 998]).permutation(len(SLOPES))[index % len(SLOPES)])]
+    slope = SLOPES[int(np.random.default_rng([seed, stream + 998]).permutation(len(SLOPES))[index % len(SLOPES)])]
     fov = FOV_MM[int(rng.integers(len(FOV_MM)))]
     bits = (12, 16)[(index + seed) % 2]
     max_stored = 2**bits - 1
@@ -173,7 +181,7 @@ def _site_appearance(seed: int, index: int) -> SiteAppearance:
     scale = min(scale, (max_stored - offset) / 2.2)
     intercept = float(rng.choice([0.0, 0.0, -100.0, 50.0]))
     return SiteAppearance(
-        name=f"site-{index + 1}",
+        name=f"public-scanner-{index + 1}" if public else f"site-{index + 1}",
         matrix=matrix,
         fov_mm=fov,
         pixel_spacing_mm=round(fov / matrix, 6),
@@ -188,7 +196,7 @@ def _site_appearance(seed: int, index: int) -> SiteAppearance:
         rescale_slope=float(slope),
         rescale_intercept=intercept,
         patient_jitter=round(float(rng.uniform(0.01, 0.04)), 4),
-        manufacturer_model=f"medae-synthetic-scanner-{index + 1}",
+        manufacturer_model=f"medae-synthetic-{'public-' if public else ''}scanner-{index + 1}",
     )
 
 
@@ -679,23 +687,36 @@ def make_benchmark(
     patients: int = 24,
     seed: int = 0,
     slices_per_patient: int = 14,
+    test_patients: int | None = None,
+    public: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write the synthetic multi-site DICOM benchmark into ``out`` and return its summary.
 
     ``out`` must not exist or be an empty folder. Per site, ``patients`` patients are
-    made; a third of them (at least 2) are test patients with lesions, the rest are
-    healthy training patients. The summary (also written to ``out/benchmark.json``) lists
-    per site the patient and slice counts, the anomalous test slices per lesion kind and
-    the site's appearance parameters.
+    made; ``test_patients`` of them (default: a third, at least 2) are test patients
+    with lesions, the rest are healthy training patients. ``public > 0`` also writes
+    ``out/public/``: that many healthy patients from `PUBLIC_SCANNERS` scanners of
+    their own (appearance and anatomy from random streams no site uses), the data
+    `medae pretrain` may train on without spending privacy. ``sites`` may be 0 when
+    only the public set is wanted. The summary (also written to ``out/benchmark.json``)
+    lists per site the patient and slice counts, the anomalous test slices per lesion
+    kind and the site's appearance parameters.
     """
     out = Path(out)
-    checks = (("sites", sites, 1), ("patients", patients, 3), ("seed", seed, 0), ("slices_per_patient", slices_per_patient, 1))
+    checks = (("sites", sites, 0), ("patients", patients, 3), ("seed", seed, 0),
+              ("slices_per_patient", slices_per_patient, 1), ("public", public, 0))
     for name, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise DataError(f"make_benchmark: {name} must be an integer >= {low}; got {value!r}")
+    if sites == 0 and public == 0:
+        raise DataError("make_benchmark: nothing to write (sites = 0 and public = 0)")
     if slices_per_patient > 40:
         raise DataError(f"make_benchmark: slices_per_patient must be <= 40; got {slices_per_patient}")
+    n_test = max(2, round(patients / 3)) if test_patients is None else test_patients
+    if isinstance(n_test, bool) or not isinstance(n_test, int) or not 2 <= n_test <= patients - 1:
+        raise DataError(f"make_benchmark: test_patients must be an integer from 2 to patients - 1 "
+                        f"({patients - 1}); got {n_test!r}")
     if out.exists():
         if not out.is_dir():
             raise DataError(f"cannot write the benchmark to {out}: it exists and is not a folder")
@@ -707,13 +728,14 @@ def make_benchmark(
     out.mkdir(parents=True, exist_ok=True)
 
     anat = _anatomy()
-    n_test = max(2, round(patients / 3))
     n_train = patients - n_test
-    total = sites * patients
+    total = sites * patients + public
     done = 0
     if progress is not None:
         progress(0, total)
     params = {"sites": sites, "patients": patients, "seed": seed, "slices_per_patient": slices_per_patient}
+    if test_patients is not None:
+        params["test_patients"] = n_test
     summary: dict[str, Any] = {
         "generator": "medae make-benchmark",
         "version": GENERATOR_VERSION,
@@ -760,26 +782,11 @@ def make_benchmark(
             if is_test:
                 lesion_plan.slice_counts += pat.masks.any(axis=(1, 2))
             split = "test" if is_test else "train"
-            pdir = site_dir / split / pid
-            pdir.mkdir(parents=True, exist_ok=True)
             uid_key = ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
-            ds = _patient_dataset(
-                site=site,
-                site_index=si,
-                patient_id=pid,
-                patient_number=pi + 1,
-                shape=pat.stored.shape[1:],
-                window=pat.window,
-                uid_key=uid_key,
-            )
-            _, x0, y0 = _slice_points(anat, site, pat.z_mm[:1])
-            for k in range(len(pat.z_mm)):
-                fname = f"{k:03d}.dcm"
-                _write_slice(
-                    ds, pdir / fname, pat.stored[k], slice_index=k, origin=(x0, y0, float(pat.z_mm[k])), uid_key=uid_key
-                )
-                if is_test:
-                    rel = f"{pid}/{fname}"
+            _write_patient(anat, site, si, pid, pi + 1, pat, site_dir / split / pid, uid_key)
+            if is_test:
+                for k in range(len(pat.z_mm)):
+                    rel = f"{pid}/{k:03d}.dcm"
                     if pat.masks[k].any():
                         (site_dir / "test" / "masks").mkdir(parents=True, exist_ok=True)
                         mask_rel = f"masks/{pid}_{k:03d}.png"
@@ -790,7 +797,6 @@ def make_benchmark(
                             site_sum["test"]["anomalous_slices_by_kind"][kd] += 1
                     else:
                         rows.append((rel, 0, ""))
-            if is_test:
                 site_sum["test"]["slices"] += len(pat.z_mm)
                 for les in pat.lesions:
                     site_sum["test"]["lesions_by_kind"][les.kind] += 1
@@ -807,7 +813,46 @@ def make_benchmark(
         site_sum["test"]["anomalous_slices"] = n_anom
         site_sum["test"]["healthy_slices"] = len(rows) - n_anom
         summary["sites"].append(site_sum)
-        log.info("benchmark %s: %d train / %d test patients, %d/%d anomalous test slices",
-                 site.name, n_train, n_test, n_anom, len(rows))
+        log.debug("benchmark %s: %d train / %d test patients, %d/%d anomalous test slices",
+                  site.name, n_train, n_test, n_anom, len(rows))
+    if public:
+        offset = done
+        summary["public"] = _make_public(out / "public", anat, seed, public, slices_per_patient,
+                                         (lambda k: progress(offset + k, total)) if progress else None)
     (out / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _write_patient(anat, site: SiteAppearance, site_index: int, pid: str, number: int, pat: _Patient,
+                   pdir: Path, uid_key: list[str]) -> None:
+    """One patient's slices as one DICOM series in ``pdir``."""
+    pdir.mkdir(parents=True, exist_ok=True)
+    ds = _patient_dataset(site=site, site_index=site_index, patient_id=pid, patient_number=number,
+                          shape=pat.stored.shape[1:], window=pat.window, uid_key=uid_key)
+    _, x0, y0 = _slice_points(anat, site, pat.z_mm[:1])
+    for k in range(len(pat.z_mm)):
+        _write_slice(ds, pdir / f"{k:03d}.dcm", pat.stored[k], slice_index=k,
+                     origin=(x0, y0, float(pat.z_mm[k])), uid_key=uid_key)
+
+
+def _make_public(out: Path, anat, seed: int, n: int, slices_per_patient: int,
+                 progress: Callable[[int], None] | None) -> dict[str, Any]:
+    """``n`` healthy patients over `PUBLIC_SCANNERS` public scanners, in ``out`` (one folder per patient)."""
+    scanners = [_site_appearance(seed, j, public=True) for j in range(PUBLIC_SCANNERS)]
+    for j in range(n):
+        scanner = scanners[j % len(scanners)]
+        pid = f"PUB-P{j + 1:04d}"
+        rng = np.random.default_rng([seed, PUBLIC_STREAM, j, 7])
+        pat = _render_patient(anat, scanner, rng, slices_per_patient, None)
+        uid_key = ["medae-benchmark-public", str(GENERATOR_VERSION), str(seed), str(slices_per_patient), pid]
+        _write_patient(anat, scanner, 100 + j % len(scanners), pid, j + 1, pat, out / pid, uid_key)
+        if progress is not None:
+            progress(j + 1)
+    return {
+        "patients": n,
+        "slices": n * slices_per_patient,
+        "healthy": True,
+        "description": f"medae built-in public set: {n} healthy synthetic patients (MNI152 anatomy, "
+                       f"{len(scanners)} scanners no site uses), seed {seed}",
+        "scanners": [asdict(s) | {"bias_coefficients": list(s.bias_coefficients)} for s in scanners],
+    }

@@ -63,6 +63,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # Starting weights: "builtin" = the public model shipped with medae (built and cached
+    # on first use where none ships); a bundle path (`medae pretrain`); "none" = random
+    init: str = "builtin"
+    # What training changes: "all", or a comma list of encoder, decoder, bottleneck, norm, bias
+    trainable: str = "all"
+    # Patient unit: slices per sampled patient per step; its clipped gradient is their mean
+    slices_per_patient: int = 1
+    # Under DP: each slice plus m-1 mirrored, shifted copies, averaged before clipping
+    augment_multiplicity: int = 1
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,10 @@ class PrivacyConfig:
     delta: float = 1e-5
     noise_multiplier: float | None = None  # None: calibrate from the budget
     max_grad_norm: float = 1.0
-    accountant: Literal["rdp", "prv"] = "rdp"
+    # automatic: every patient's gradient scaled to norm ~C, g * C / (||g|| + 0.01 C)
+    # (Bu et al. 2023), so C needs no tuning under Adam; flat: Opacus' min(1, C / ||g||)
+    clipping: Literal["flat", "automatic"] = "flat"
+    accountant: Literal["rdp", "prv", "pld"] = "pld"  # new ledgers; an existing one keeps its own
     unit: Literal["patient", "image"] = "patient"
     grad_sample_mode: str = "auto"  # auto, hooks, functorch, ew, ghost
     # ... or "bk" (medae_core.dp_clipping, book-keeping); "auto" picks "bk" for medae models
@@ -103,7 +115,10 @@ class FederationConfig:
     trim_beta: float = 0.2  # FedTrimmedAvg
     client_cpus: float = 1.0
     client_gpus: float = 0.0
-    benchmark_patients: int = 40  # built-in benchmark: patients per site
+    # Built-in benchmark: patients per site (a hospital's size: 150 healthy training
+    # patients with the 15 test patients) and its seed
+    benchmark_patients: int = 165
+    benchmark_test_patients: int = 15  # test patients (with lesions) per site; 0 = a third
     benchmark_seed: int = 0
 
 

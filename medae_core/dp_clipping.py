@@ -5,6 +5,17 @@ each clipped to L2 norm ``max_grad_norm``::
 
     grad = sum_i  c_i * g_i,   c_i = min(1, C / (||g_i|| + 1e-6))
 
+(``clipping="automatic"``: ``c_i = C / (||g_i|| + gamma)``, Bu et al. 2023,
+"Automatic clipping"; every sample then has norm just under C, so C sets only
+the scale, which Adam divides out, and no clipping threshold needs tuning.)
+
+A *unit* of privacy may span several rows of the batch (``group_size = k``:
+rows ``u*k .. u*k+k-1`` belong to unit u, e.g. k slices of one patient). Then
+``g_u`` is the gradient of the unit's MEAN loss over its k rows, and it is
+``g_u`` that is clipped, so each unit's contribution is bounded by C no matter
+how many rows it has: the sensitivity is that of one row, the variance of the
+unit's gradient is lower.
+
 Opacus computes this either by materialising every per-sample gradient
 (``hooks``: memory ~ batch x parameters, plus the ordinary weight gradient that
 is then thrown away) or, in ``ghost`` mode, by computing the norms first and
@@ -50,7 +61,10 @@ from torch.func import functional_call
 
 from medae_core.errors import MedaeError
 
-__all__ = ["BookKeepingClipper", "UnsupportedModelError", "clip_factors"]
+__all__ = ["CLIPPING_MODES", "BookKeepingClipper", "UnsupportedModelError", "clip_factors"]
+
+CLIPPING_MODES = ("flat", "automatic")
+AUTOMATIC_GAMMA = 0.01  # Bu et al. 2023's stability constant, relative to C
 
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
 
@@ -59,8 +73,16 @@ class UnsupportedModelError(MedaeError):
     """The model has a layer the book-keeping clipper cannot handle."""
 
 
-def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
-    """Opacus' flat clipping factor: min(1, C / (norm + 1e-6))."""
+def clip_factors(norms: Tensor, max_grad_norm: float, clipping: str = "flat") -> Tensor:
+    """Per-unit factors c with ||c * g|| <= C.
+
+    ``"flat"`` (Opacus' rule): min(1, C / (norm + 1e-6)).
+    ``"automatic"``: C / (norm + gamma * C), gamma = `AUTOMATIC_GAMMA` (< C always).
+    """
+    if clipping == "automatic":
+        return max_grad_norm / (norms + AUTOMATIC_GAMMA * max_grad_norm)
+    if clipping != "flat":
+        raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}; got {clipping!r}")
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
@@ -86,12 +108,19 @@ class BookKeepingClipper:
     ``close()`` removes the hooks; the model is otherwise untouched.
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float, *, strategy: str = "auto"):
+    def __init__(self, model: nn.Module, max_grad_norm: float, *, strategy: str = "auto",
+                 group_size: int = 1, clipping: str = "flat"):
         if strategy not in ("auto", "ghost", "materialize"):
             raise ValueError(f"strategy must be auto, ghost or materialize; got {strategy!r}")
+        if int(group_size) < 1:
+            raise ValueError(f"group_size must be at least 1; got {group_size}")
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}; got {clipping!r}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.strategy = strategy
+        self.k = int(group_size)
+        self.clipping = clipping
         self.check_supported(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._records: list[_Record] = []
@@ -158,15 +187,21 @@ class BookKeepingClipper:
         return replaced
 
     def backward(self, loss_per_sample: Tensor) -> Tensor:
-        """Backpropagate, clip per sample and store the clipped sum in ``p.grad``.
+        """Backpropagate, clip per unit and store the clipped sum in ``p.grad``.
 
-        Returns the per-sample gradient norms (before clipping), shape [B].
+        ``loss_per_sample`` has one entry per row ([units * group_size]); a unit's
+        loss is the mean of its rows'. Returns the per-unit gradient norms
+        (before clipping), shape [units].
         """
         if loss_per_sample.dim() != 1:
             raise ValueError("loss_per_sample must have shape [batch]")
-        n = loss_per_sample.shape[0]
-        # d(sum_i L_i)/d(out) holds, for each sample, the gradient of its own loss.
-        loss_per_sample.sum().backward()
+        if loss_per_sample.shape[0] % self.k:
+            raise ValueError(f"batch of {loss_per_sample.shape[0]} rows is not a whole number of units "
+                             f"of {self.k} rows")
+        n = loss_per_sample.shape[0] // self.k
+        # d(sum_i L_i)/d(out) holds, for each row, the gradient of its own loss
+        # (divided by k: a unit's loss is the mean over its rows).
+        (loss_per_sample.sum() / self.k).backward()
         missing = [r for r in self._records if r.norm2 is None]
         if missing:
             raise UnsupportedModelError(
@@ -177,8 +212,8 @@ class BookKeepingClipper:
         norm2 = torch.zeros(n, device=device, dtype=loss_per_sample.dtype)
         for r in self._records:
             norm2 += r.norm2
-        norms = norm2.sqrt()
-        coef = clip_factors(norms, self.max_grad_norm)
+        norms = norm2.clamp(min=0).sqrt()
+        coef = clip_factors(norms, self.max_grad_norm, self.clipping)
         grads: dict[int, Tensor] = {}
         for r in self._records:
             for p, grad in self._clipped_sum(r, coef):
@@ -199,21 +234,38 @@ class BookKeepingClipper:
             a = r.a
             if a.dim() != 2:
                 raise UnsupportedModelError("Linear layers must get [batch, features] inputs")
-            g2 = _sq_norms(g)
-            r.norm2 = g2 * _sq_norms(a)
-            if m.bias is not None:
-                r.norm2 = r.norm2 + g2
+            if self.k == 1:
+                g2 = _sq_norms(g)
+                r.norm2 = g2 * _sq_norms(a)
+                if m.bias is not None:
+                    r.norm2 = r.norm2 + g2
+            else:  # ||sum_j g_j a_j^T||^2 = sum_jl (a_j.a_l)(g_j.g_l) within a unit
+                ga = self._grouped(g)
+                gg = torch.bmm(ga, ga.transpose(1, 2))
+                r.norm2 = _dot_per_sample(torch.bmm(self._grouped(a), self._grouped(a).transpose(1, 2)), gg)
+                if m.bias is not None:
+                    r.norm2 = r.norm2 + gg.sum((1, 2))
             r.g, r.ghost = g, True
         else:  # GroupNorm
             gw, gb = _group_norm_per_sample_grads(m, r.a, g)
-            r.per_sample = {"weight": gw, "bias": gb}
-            r.norm2 = _sq_norms(gw) + _sq_norms(gb)
+            r.per_sample = {"weight": self._unit_sum(gw), "bias": self._unit_sum(gb)}
+            r.norm2 = _sq_norms(r.per_sample["weight"]) + _sq_norms(r.per_sample["bias"])
             r.a = None
+
+    def _grouped(self, t: Tensor) -> Tensor:
+        """[units * k, f] -> [units, k, f]."""
+        return t.reshape(t.shape[0] // self.k, self.k, -1)
+
+    def _unit_sum(self, t: Tensor) -> Tensor:
+        """Per-row tensors [units * k, ...] summed over each unit's rows: [units, ...]."""
+        if self.k == 1:
+            return t
+        return t.reshape(t.shape[0] // self.k, self.k, *t.shape[1:]).sum(1)
 
     def _use_ghost(self, m: nn.Conv2d, g: Tensor) -> bool:
         if self.strategy != "auto":
             return self.strategy == "ghost"
-        q = g.shape[2] * g.shape[3]  # output positions
+        q = g.shape[2] * g.shape[3] * self.k  # output positions of one unit
         p = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
         o = m.out_channels
         # ghost: q^2 (p + o) multiply-adds; materialised: p o q, plus writing
@@ -221,18 +273,20 @@ class BookKeepingClipper:
         return q * (p + o) < p * o
 
     def _conv_norms(self, r: _Record, m: nn.Conv2d, g: Tensor) -> None:
-        n = g.shape[0]
+        n = g.shape[0] // self.k  # units
         a = r.a
-        gb = g.sum((2, 3)) if m.bias is not None else None
+        gb = self._unit_sum(g.sum((2, 3))) if m.bias is not None else None
         if self._use_ghost(m, g):
             cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            gg = g.reshape(n, g.shape[1], -1)  # [n, o, q]
-            aa = torch.bmm(cols.transpose(1, 2), cols)  # [n, q, q]
-            ggt = torch.bmm(gg.transpose(1, 2), gg)  # [n, q, q]
+            # A unit's positions are those of all its rows: [units, k * q, features].
+            cols = cols.transpose(1, 2).reshape(n, -1, cols.shape[1])
+            gg = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(n, -1, g.shape[1])
+            aa = torch.bmm(cols, cols.transpose(1, 2))  # [n, kq, kq]
+            ggt = torch.bmm(gg, gg.transpose(1, 2))  # [n, kq, kq]
             r.norm2 = _dot_per_sample(aa, ggt)
             r.g, r.ghost = g, True
         else:
-            gw = _conv_per_sample_weight_grad(m, a, g)
+            gw = self._unit_sum(_conv_per_sample_weight_grad(m, a, g))
             r.per_sample["weight"] = gw
             r.norm2 = _sq_norms(gw)
             r.a = None
@@ -245,7 +299,8 @@ class BookKeepingClipper:
         out = []
         if r.ghost:
             cshape = (-1,) + (1,) * (r.g.dim() - 1)
-            gc = r.g * coef.view(cshape).to(r.g.dtype)
+            rows = coef.repeat_interleave(self.k) if self.k > 1 else coef
+            gc = r.g * rows.view(cshape).to(r.g.dtype)
             if isinstance(m, nn.Conv2d):
                 _, gw, _ = torch.ops.aten.convolution_backward(
                     gc, r.a, m.weight, None, m.stride, _pad(m), m.dilation,

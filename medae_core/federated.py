@@ -122,6 +122,13 @@ def pool_evaluations(
                     pixel_pos, pixel_neg, threshold
                 )
         pooled["curves"] = {"image_pos": image_pos.tolist(), "image_neg": image_neg.tolist()}
+    base_pos, base_neg = total("baseline_image_pos"), total("baseline_image_neg")
+    if base_pos is not None and base_neg is not None:
+        pooled["baseline"] = {
+            "image_auroc": auroc_from_histograms(base_pos, base_neg),
+            "image_auprc": auprc_from_histograms(base_pos, base_neg),
+        }
+        pooled["curves"].update(baseline_pos=base_pos.tolist(), baseline_neg=base_neg.tolist())
     return pooled
 
 
@@ -133,6 +140,7 @@ class RunState:
     rounds_done: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    init: dict[str, Any] | None = None  # provenance of round 0's global model (None: random start)
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @classmethod

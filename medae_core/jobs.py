@@ -71,14 +71,18 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
             "noise_multiplier": result.noise_multiplier,
             "sample_rate": result.sample_rate,
             "ledger": str(ledger.path) if ledger is not None else None,
+            "noise_to_signal": result.noise_to_signal,
         },
+        "trained_parameters": result.trained_parameters,
+        "init": result.init,
         "threshold": vars(threshold),
     }
     if data.test is not None and data.test.labels is not None and (data.test.labels >= 0).any():
         summary["test"], _ = evaluate_test(trainer.model(result.state_dict), data.test, cfg, trainer.device,
                                            threshold.value)
         summary["baseline_intensity"] = intensity_baseline_metrics(data.test, cfg)
-    save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={"site": data.name}))
+    save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={"site": data.name,
+                                                                                   "init": result.init}))
     write_json(run_dir / "metrics.json", summary)
     return summary
 

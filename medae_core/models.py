@@ -447,3 +447,47 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> AnomalyModel:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- what training changes -------------------------------------------------------
+TRAINABLE_PARTS = ("all", "encoder", "decoder", "bottleneck", "norm", "bias")
+
+
+def trainable_mask(model: nn.Module, spec: str) -> dict[str, bool]:
+    """Parameter name -> trained?, for ``train.trainable``.
+
+    ``spec`` is ``"all"`` or a comma list of parts: ``encoder``, ``decoder``;
+    ``bottleneck`` (the 1x1 squeeze/expand convolutions and the dense layers
+    between them, the VAE's heads included); ``norm`` (GroupNorm affines);
+    ``bias`` (every bias). A parameter is trained if any listed part holds it.
+    """
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(TRAINABLE_PARTS))
+    if not parts or unknown:
+        raise ConfigError(
+            f"train.trainable must be 'all' or a comma list of {', '.join(TRAINABLE_PARTS[1:])}; got {spec!r}"
+        )
+    owner = {f"{name}.{pname}" if name else pname: m
+             for name, m in model.named_modules() for pname, _ in m.named_parameters(recurse=False)}
+    mask = {}
+    for name, _ in model.named_parameters():
+        held = {
+            "all": True,
+            "encoder": name.startswith("encoder."),
+            "decoder": name.startswith("decoder."),
+            "bottleneck": name.split(".")[1] in ("squeeze", "fc", "expand", "mu", "logvar"),
+            "norm": isinstance(owner[name], nn.GroupNorm),
+            "bias": name.endswith(".bias"),
+        }
+        mask[name] = any(held[p] for p in parts)
+    if not any(mask.values()):
+        raise ConfigError(f"train.trainable = {spec!r} selects no parameter of this model")
+    return mask
+
+
+def set_trainable(model: nn.Module, spec: str) -> int:
+    """Freeze every parameter `trainable_mask` leaves out (requires_grad); return the trained count."""
+    mask = trainable_mask(model, spec)
+    for name, p in model.named_parameters():
+        p.requires_grad_(mask[name])
+    return count_parameters(model)

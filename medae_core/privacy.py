@@ -68,11 +68,14 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger(__name__)
 
-Accountant = Literal["rdp", "prv"]
+Accountant = Literal["rdp", "prv", "pld"]
 Unit = Literal["patient", "image"]
 HistoryEntry = tuple[float, float, int]
 
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")
+# PLD: dp-accounting's privacy-loss-distribution accountant, pessimistic
+# discretisation at this interval (an upper bound: rounding only ever adds ε).
+PLD_DISCRETIZATION = 1e-3
 UNITS = ("patient", "image")
 LEDGER_VERSION = 1
 
@@ -111,6 +114,14 @@ def compute_epsilon(
     instead and a warning is logged. A negative PRV bound is reported as 0, which
     is sound: (ε', δ)-DP with ε' < 0 implies (0, δ)-DP.
 
+    For ``"pld"`` (the default for new ledgers) the value is the smaller of two
+    upper bounds: Google's ``dp-accounting`` PLD accountant for the Poisson-
+    subsampled Gaussian (add/remove neighbours, as Opacus), with its pessimistic
+    discretisation at interval `PLD_DISCRETIZATION` (Koskela et al. 2020; Doroshenko
+    et al. 2022: the discretised loss dominates the true one, so ε is never
+    under-reported), and the RDP bound. Both are sound, so their minimum is; PLD is
+    the tighter one wherever it matters (RDP is 8-13 % above it on published DP-SGD settings).
+
     An empty history (or one with only zero-step entries) spends nothing: 0.0.
     """
     _check_delta(delta)
@@ -118,15 +129,33 @@ def compute_epsilon(
     merged = _merge(history)
     if not merged:
         return 0.0
+    if accountant == "pld":
+        return min(_pld_upper_bound(merged, delta), _rdp_epsilon(merged, delta))
     if accountant == "prv":
         eps = _prv_upper_bound(merged, delta)
         if eps is not None:
             return eps
+    return _rdp_epsilon(merged, delta)
+
+
+def _rdp_epsilon(merged: list[HistoryEntry], delta: float) -> float:
     from opacus.accountants import RDPAccountant
 
     rdp = RDPAccountant()
     rdp.history = merged
     return float(rdp.get_epsilon(delta=delta))
+
+
+def _pld_upper_bound(merged: list[HistoryEntry], delta: float) -> float:
+    from dp_accounting import dp_event, pld
+
+    accountant = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)  # pessimistic by default
+    accountant.compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in merged
+    ]))
+    eps = float(accountant.get_epsilon(delta))
+    return max(eps, 0.0) if math.isfinite(eps) else math.inf
 
 
 def _prv_upper_bound(merged: list[HistoryEntry], delta: float) -> float | None:
@@ -198,7 +227,7 @@ def calibrate_noise(
             f"{MAX_SIGMA:g} would exceed it; train fewer steps or not at all"
         )
 
-    if accountant == "prv":  # the search evaluated compute_epsilon at exactly this σ
+    if accountant in ("prv", "pld"):  # the search evaluated compute_epsilon at exactly this σ
         return float(sigma)
     # The RDP search sums a cached prior curve; confirm with the public computation.
     for _ in range(10):
@@ -268,8 +297,8 @@ def _solve_sigma(epsilon_of, budget: float) -> float | None:
 
 def _epsilon_function(prior: list[HistoryEntry], delta: float, accountant: str, sample_rate: float, steps: int):
     """ε(σ) for prior + (σ, sample_rate, steps). RDP sums a cached prior RDP curve."""
-    if accountant == "prv":
-        return lambda sigma: compute_epsilon(prior + [(sigma, sample_rate, steps)], delta, "prv")
+    if accountant in ("prv", "pld"):
+        return lambda sigma: compute_epsilon(prior + [(sigma, sample_rate, steps)], delta, accountant)
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as analysis
 
@@ -382,6 +411,7 @@ class PrivacyLedger:
         delta: float | None = None,
         accountant: Accountant | None = None,
         create: bool = False,
+        strict_accountant: bool = True,
     ) -> PrivacyLedger:
         """Open and verify the ledger at ``path``, creating it if asked.
 
@@ -394,6 +424,10 @@ class PrivacyLedger:
                 are required to create one.
             create: create a new ledger if none exists at ``path`` and none ever
                 did (no ``PATH.head`` marker).
+            strict_accountant: ``False``: ``accountant`` is only what a NEW ledger
+                is created with; an existing ledger keeps replaying its history with
+                the accountant its header names (every accountant here is a sound
+                upper bound), so a changed default never rewrites a site's past.
 
         Raises:
             LedgerError: the ledger is missing (never created, or deleted after it
@@ -423,6 +457,10 @@ class PrivacyLedger:
                 ledger._write_head(records)
             else:
                 ledger._verify_head(records)
+        if not strict_accountant and accountant is not None and accountant != records[0]["accountant"]:
+            log.info("privacy ledger %s keeps its %s accountant (the configuration names %s)",
+                     ledger.path, records[0]["accountant"], accountant)
+            accountant = None
         ledger._expect(records, site, budget_epsilon, delta, accountant)
         return ledger
 
@@ -443,6 +481,7 @@ class PrivacyLedger:
             delta=cfg.delta,
             accountant=cfg.accountant,
             create=create,
+            strict_accountant=False,
         )
 
     # -- views (recomputed from the file) ------------------------------------------

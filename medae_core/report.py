@@ -52,6 +52,9 @@ RESULT_KEYS = ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice
 
 def results_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     rows = [["federated (pooled histograms)"] + [(metrics.get("test") or {}).get(k) for k in RESULT_KEYS]]
+    if metrics.get("intensity_baseline") and "intensity threshold" not in (metrics.get("baselines") or {}):
+        rows.append(["intensity threshold (pooled histograms)"]
+                    + [metrics["intensity_baseline"].get(k) for k in RESULT_KEYS])
     for name, values in (metrics.get("baselines") or {}).items():
         rows.append([name] + [(values or {}).get(k) for k in RESULT_KEYS])
     return rows
@@ -88,12 +91,66 @@ def reference_figures(bundle, reference) -> list[str]:
     return out
 
 
+NEAR_CHANCE = 0.6  # image AUROC below this is reported as near chance
+
+
+def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The first screen of a report: did the model learn, does it beat the baseline, what did it cost.
+
+    ``warnings`` are the banners a reader must not miss (near chance, not
+    better than the intensity threshold).
+    """
+    model = (metrics.get("test") or {}).get("image_auroc")
+    baseline = (metrics.get("intensity_baseline") or {}).get("image_auroc")
+    baselines = metrics.get("baselines") or {}
+    if baseline is None:
+        baseline = (baselines.get("intensity threshold") or {}).get("image_auroc")
+    reference = (baselines.get("centralized, no DP") or {}).get("image_auroc")
+    eps = [s.get("epsilon") for s in metrics.get("sites", []) if s.get("epsilon") is not None]
+    warnings = []
+    if model is not None and model < NEAR_CHANCE:
+        warnings.append(f"The model is near chance (image AUROC {model:.3f}; 0.5 is a coin toss): "
+                        "it has not learned to find anomalies.")
+    if model is not None and baseline is not None and model <= baseline:
+        warnings.append(f"The model does not beat the plain intensity threshold (image AUROC {model:.3f} vs "
+                        f"{baseline:.3f}): for these lesions, thresholding the image is as good.")
+    return {"model": model, "baseline": baseline, "reference": reference,
+            "epsilon": max(eps) if eps else None, "warnings": warnings}
+
+
+def _summary_html(metrics: dict[str, Any], cfg) -> str:
+    v = verdict(metrics)
+
+    def num(x):
+        return "–" if x is None else f"{x:.3f}"
+
+    init = metrics.get("init")
+    start = (f"Started from a public model ({html.escape(str(init.get('data', '')))}; "
+             f"config {html.escape(str(init.get('config_hash', '?')))})" if init
+             else "Started from a random initialisation (no public pretraining)")
+    ref = num(v["reference"]) if v["reference"] is not None else "not computed (run with --baselines)"
+    cost = (f"ε = {v['epsilon']:.2f} of {cfg.privacy.budget_epsilon:g} per site (δ = {cfg.privacy.delta:.0e}, "
+            f"per {cfg.privacy.unit})" if cfg.privacy.enabled and v["epsilon"] is not None
+            else "no differential privacy" if not cfg.privacy.enabled else "–")
+    rows = [["this model (pooled over sites)", num(v["model"])],
+            ["intensity-threshold baseline", num(v["baseline"])],
+            ["non-private reference (centralized, no DP)", ref],
+            ["privacy spent", cost]]
+    banners = "".join(f"<p class=alert>{html.escape(w)}</p>" for w in v["warnings"])
+    if v["model"] is not None and not v["warnings"]:
+        banners = (f"<p class=ok>The model learned: image AUROC {v['model']:.3f}"
+                   + (f", above the intensity threshold's {v['baseline']:.3f}" if v["baseline"] is not None else "")
+                   + ".</p>")
+    return ("<h2>At a glance</h2>" + banners
+            + _table(["", "image AUROC / cost"], rows) + f"<p class=note>{html.escape(start)}.</p>")
+
+
 def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None) -> Path:
     """Write ``RUN/report.html``; ``reference`` = (images, masks) of public slices."""
     from medae_core import figures
     cfg = bundle.config
     rounds = metrics.get("rounds", [])
-    sections = []
+    sections = [_summary_html(metrics, cfg)]
 
     loss = {
         "train loss": [(r["round"], r["train_loss"]) for r in rounds if r.get("train_loss") is not None],
@@ -112,26 +169,35 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
     sections.append("<h2>Training</h2>" + "".join(plots))
 
     site_rows = []
+    last_sites = {}
+    for r in rounds:
+        last_sites.update({n: v for n, v in r.get("sites", {}).items() if v.get("status") == "ok"})
     for s in metrics.get("sites", []):
         t = s.get("test") or {}
-        site_rows.append([s["site"], s["num_examples"], s["epsilon"] if cfg.privacy.enabled else None, s["delta"],
-                          s["budget_epsilon"], s["privacy_unit"], t.get("image_auroc"), t.get("pixel_auprc"),
-                          t.get("dice_best")])
+        trained = last_sites.get(s["site"], {})
+        site_rows.append([s["site"], s["num_examples"], s["epsilon"] if cfg.privacy.enabled else None,
+                          f"{s['delta']:.0e}", s["budget_epsilon"], s["privacy_unit"], trained.get("trained_parameters"),
+                          trained.get("noise_to_signal"), t.get("image_auroc"), t.get("baseline_image_auroc"),
+                          t.get("pixel_auprc"), t.get("dice_best")])
     refusals = [[r["round"], site, s.get("reason")] for r in rounds for site, s in r.get("sites", {}).items()
                 if s.get("status") != "ok"]
     sections.append(
         "<h2>Sites</h2>"
-        + _table(["site", "images / round", "ε", "δ", "ε budget", "privacy unit", "image AUROC", "pixel AUPRC",
-                  "best Dice"], site_rows)
+        + _table(["site", "images / round", "ε", "δ", "ε budget", "privacy unit", "trained parameters",
+                  "noise / signal", "image AUROC", "intensity baseline AUROC", "pixel AUPRC", "best Dice"], site_rows)
+        + "<p class=note>noise / signal: norm of the DP noise on a site's run-averaged update in units of the "
+          "clipped signal (σ·√d / (B·√T)); above 1 only a small move from the starting point survives it.</p>"
         + (("<h3>Refused rounds</h3>" + _table(["round", "site", "reason"], refusals)) if refusals else "")
     )
 
     results = "<h2>Test results</h2>" + _table(["scorer", *RESULT_KEYS], results_rows(metrics))
     curves = (rounds[-1] if rounds else {}).get("curves")
     if curves:
+        plotted = {"federated": _hist_to_scores(curves["image_pos"], curves["image_neg"])}
+        if curves.get("baseline_pos") is not None:
+            plotted["intensity threshold"] = _hist_to_scores(curves["baseline_pos"], curves["baseline_neg"])
         results += _img(figures.roc_pr_figure(
-            {"federated": _hist_to_scores(curves["image_pos"], curves["image_neg"])},
-            title="Image-level ROC and precision-recall (pooled over sites)"), "ROC and PR curves")
+            plotted, title="Image-level ROC and precision-recall (pooled over sites)"), "ROC and PR curves")
     sections.append(results)
     if reference is not None:
         sections.append("<h2>Reconstructions and anomaly maps (synthetic reference slices)</h2>"
@@ -152,6 +218,8 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "th:first-child,td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}"
         ".note{background:#eef6ff;padding:.6em}.warn{background:#fff3cd;padding:.6em}"
+        ".alert{background:#f8d7da;border-left:6px solid #b02a37;padding:.6em;font-weight:600}"
+        ".ok{background:#d1e7dd;border-left:6px solid #146c43;padding:.6em}"
     )
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>medae report</title><style>{style}</style>"
             f"</head><body>{header}{''.join(sections)}</body></html>")

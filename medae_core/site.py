@@ -26,7 +26,8 @@ import torch
 from medae_core import metrics, scoring
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
-from medae_core.models import build_model
+from medae_core.models import build_model, set_trainable
+from medae_core.pretrain import initial_weights
 from medae_core.privacy import PrivacyLedger
 from medae_core.training import (
     evaluate_loss,
@@ -95,6 +96,26 @@ class RoundResult:
     delta: float
     seconds: float
     images_per_second: float
+    trained_parameters: int = 0  # parameters DP-SGD trained and noised (the rest stayed frozen)
+    noise_to_signal: float | None = None  # see `noise_to_signal`; None without DP
+    init: dict | None = None  # provenance of the starting weights (train-local only)
+
+
+# Above this the noise left on the averaged update outweighs the clipped signal.
+NOISE_TO_SIGNAL_WARNING = 1.0
+
+
+def noise_to_signal(sigma: float, trained_parameters: int, expected_batch: int, total_steps: int) -> float:
+    """Norm of the DP noise on the run's step-averaged gradient, in units of the clipping norm C.
+
+    Each step adds N(0, (σC)² I) over the trained parameters to a sum divided
+    by the expected batch B; averaged over the T steps of the whole run its norm
+    is about ``σ √d / (B √T)`` C, while the clipped signal is at most C. Above 1,
+    DP-SGD can only move a model by little (e.g. fine-tune a public start); from
+    a random start it learns nothing. It shrinks with more patients per site
+    and fewer trained parameters (``train.trainable``).
+    """
+    return float(sigma * trained_parameters**0.5 / (max(expected_batch, 1) * max(total_steps, 1) ** 0.5))
 
 
 @dataclass
@@ -146,9 +167,14 @@ class SiteTrainer:
         unit_index, n_units = self.units()
         plan = plan_training(n_units, cfg.train, cfg.train.epochs)
         model = build_model(cfg.model, seed=cfg.train.seed)
+        init = None
+        if state_dict is None:  # a run of its own (train-local, baselines): start where train.init says
+            state_dict, init = initial_weights(cfg)
         if state_dict is not None:
             model.load_state_dict(state_dict)
-        sigma, epsilon = None, 0.0
+        trained = set_trainable(model, cfg.train.trainable)
+        set_trainable(model, "all")
+        sigma, epsilon, ratio = None, 0.0, None
         if cfg.privacy.enabled:
             if self.ledger is None:
                 raise ValueError("differentially private training needs a privacy ledger")
@@ -157,6 +183,14 @@ class SiteTrainer:
                 sigma, plan.sample_rate, plan.steps, run_id=run_id, round=server_round, unit=cfg.privacy.unit
             )
             epsilon = entry["epsilon_after"]  # ε with this round, computed under the ledger's lock
+            ratio = noise_to_signal(sigma, trained, plan.expected_batch_size, plan.steps * max(rounds_left, 1))
+            if ratio > NOISE_TO_SIGNAL_WARNING:
+                log.warning(
+                    "site %s: DP noise is %.1f× the clipped signal (%d %ss, %d trained parameters, σ=%.2f): "
+                    "too few %ss for patient-level DP to learn much%s. More %ss per site, fewer trained "
+                    "parameters (train.trainable) or a larger budget move it.",
+                    self.data.name, ratio, n_units, cfg.privacy.unit, trained, sigma, cfg.privacy.unit,
+                    " from a random start" if state_dict is None else "", cfg.privacy.unit)
         result = train(
             model,
             self.data.train_images,
@@ -182,6 +216,9 @@ class SiteTrainer:
             delta=float(cfg.privacy.delta),
             seconds=float(result.seconds),
             images_per_second=float(result.images_per_second),
+            trained_parameters=int(result.trained_parameters),
+            noise_to_signal=ratio if sigma is not None else None,
+            init=init,
         )
 
     # -- evaluation ----------------------------------------------------------
@@ -217,6 +254,12 @@ def evaluate_test(model, test: Scan, cfg: RunConfig, device, threshold: float | 
         "image-pos": scoring.score_histogram(scores[labels == 1]),
         "image-neg": scoring.score_histogram(scores[labels == 0]),
     }
+    # The intensity-threshold baseline on the same images, so that every result
+    # sits next to it (it needs no model: the image itself is the anomaly map).
+    _, baseline = scoring.intensity_baseline(images, cfg.scoring)
+    result["baseline_image_auroc"] = metrics.image_metrics(baseline, labels)["image_auroc"]
+    histograms["baseline-image-pos"] = scoring.score_histogram(baseline[labels == 1])
+    histograms["baseline-image-neg"] = scoring.score_histogram(baseline[labels == 0])
     if pixels is not None:
         values, truth = pixels
         histograms["pixel-pos"] = scoring.score_histogram(values[truth])

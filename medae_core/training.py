@@ -66,7 +66,7 @@ from torch.utils.data import Dataset
 from medae_core.config import PrivacyConfig, RunConfig, TrainConfig
 from medae_core.dp_clipping import BookKeepingClipper, UnsupportedModelError
 from medae_core.errors import ConfigError, DataError, MedaeError
-from medae_core.models import AnomalyModel
+from medae_core.models import AnomalyModel, set_trainable
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
@@ -128,6 +128,8 @@ def _as_nchw(images: np.ndarray | Tensor) -> Tensor:
 class ImageDataset(Dataset):
     """Privacy unit "image": item i is slice i."""
 
+    k = 1  # rows per unit in a batch
+
     def __init__(self, images: np.ndarray | Tensor):
         self.images = _as_nchw(images)
 
@@ -143,14 +145,21 @@ class ImageDataset(Dataset):
 
 
 class PatientSliceDataset(Dataset):
-    """Privacy unit "patient": item i is ONE random slice of patient i.
+    """Privacy unit "patient": item i is ``k`` random slices of patient i (default one).
 
-    The slice is a deterministic function of (seed, step, patient): it changes
-    from step to step (``set_step``), and each patient contributes exactly one
-    slice whenever it is sampled.
+    The slices are a deterministic function of (seed, step, patient): they
+    change from step to step (``set_step``), and each patient contributes
+    exactly ``k`` rows whenever it is sampled (`batch` returns them
+    patient-major, the layout `BookKeepingClipper(group_size=k)` expects). The
+    k slices are stratified over the patient's slices -- one uniform offset u,
+    slice ``floor((u + j) / k * count)`` for j < k -- so they are distinct
+    when the patient has at least k slices and repeat evenly otherwise.
     """
 
-    def __init__(self, images: np.ndarray | Tensor, patient_index: np.ndarray, seed: int = 0):
+    def __init__(self, images: np.ndarray | Tensor, patient_index: np.ndarray, seed: int = 0, k: int = 1):
+        if int(k) < 1:
+            raise ConfigError(f"train.slices_per_patient must be at least 1; got {k}")
+        self.k = int(k)
         self.images = _as_nchw(images)
         patient_index = np.asarray(patient_index)
         if patient_index.shape != (self.images.shape[0],):
@@ -180,14 +189,16 @@ class PatientSliceDataset(Dataset):
         self.step = int(step)
 
     def slice_ids(self, units: Tensor, step: int) -> Tensor:
-        """Global slice index drawn for each patient in `units` at `step`."""
+        """Global slice indices drawn for the patients in `units` at `step`: [len(units) * k], patient-major."""
         units = units.to(torch.long).cpu()
         gen = torch.Generator().manual_seed(_mix(self.seed, step))
         # One uniform draw per patient (for all patients, so a patient's draw
-        # does not depend on who else was sampled), scaled to its slice count.
+        # does not depend on who else was sampled), stratified into k offsets.
         u = torch.rand(self.n_patients, generator=gen, dtype=torch.float64)
-        offset = (u[units] * self._count[units]).long().clamp(max=self._count[units] - 1)
-        return self._slices[self._start[units] + offset]
+        strata = (u[units, None] + torch.arange(self.k, dtype=torch.float64)) / self.k  # [P, k] in [0, 1)
+        count = self._count[units, None]
+        offset = (strata * count).long().clamp(max=count - 1)
+        return self._slices[(self._start[units, None] + offset).reshape(-1)]
 
     def __getitem__(self, i: int) -> Tensor:
         return self.images[self.slice_ids(torch.tensor([i]), self.step)[0]]
@@ -202,13 +213,14 @@ def _mix(seed: int, step: int) -> int:
 
 
 def make_unit_dataset(
-    images: np.ndarray | Tensor, patient_index: np.ndarray | None, privacy: PrivacyConfig, seed: int = 0
+    images: np.ndarray | Tensor, patient_index: np.ndarray | None, privacy: PrivacyConfig, seed: int = 0,
+    slices_per_patient: int = 1,
 ) -> ImageDataset | PatientSliceDataset:
     """The dataset whose items are privacy units (see module docstring)."""
     if privacy.unit == "patient":
         if patient_index is None:
             raise DataError("privacy.unit is 'patient' but no patient_index was given")
-        return PatientSliceDataset(images, patient_index, seed=seed)
+        return PatientSliceDataset(images, patient_index, seed=seed, k=slices_per_patient)
     if privacy.unit == "image":
         return ImageDataset(images)
     raise ConfigError(f"privacy.unit must be 'patient' or 'image'; got {privacy.unit!r}")
@@ -269,6 +281,7 @@ class TrainResult:
     # cross-check for the ledger, see `opacus_epsilon`.
     accountant_history: list[tuple[float, float, int]] = field(default_factory=list)
     accountant: str = "rdp"
+    trained_parameters: int = 0  # parameters DP-SGD trained (and noised); the rest stayed frozen
     state_dict: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def opacus_epsilon(self, delta: float, accountant: str | None = None) -> float:
@@ -284,6 +297,11 @@ class TrainResult:
         acc = create_accountant(mechanism=accountant or self.accountant)
         acc.history = list(self.accountant_history)
         return float(acc.get_epsilon(delta=delta))
+
+
+def _opacus_mechanism(accountant: str) -> str:
+    """The Opacus accountant that cross-checks a run ("pld" is not one of Opacus'; RDP is looser, never tighter)."""
+    return accountant if accountant in ("rdp", "prv") else "rdp"
 
 
 # -- grad sample modes ---------------------------------------------------------
@@ -324,6 +342,8 @@ class _Stepper:
         expected_batch_size: int,
         noise_generator: torch.Generator | None,
         proximal_mu: float = 0.0,
+        group_size: int = 1,
+        clipping: str = "flat",
     ):
         self.model = model
         self.proximal_mu = float(proximal_mu)
@@ -354,8 +374,14 @@ class _Stepper:
             self.optimizer = DPOptimizerFastGradientClipping(optimizer, **kwargs)
         else:
             self.optimizer = DPOptimizer(optimizer, **kwargs)
+        if mode != "bk" and (group_size > 1 or clipping != "flat"):
+            raise ConfigError(
+                f"grad_sample_mode {mode!r} clips one image per unit with flat clipping; "
+                f"train.slices_per_patient = {group_size} and privacy.clipping = {clipping!r} need "
+                "grad_sample_mode \"bk\" (set slices_per_patient = 1 and clipping = \"flat\" for Opacus' modes)"
+            )
         if mode == "bk":
-            self._clipper = BookKeepingClipper(model, max_grad_norm)
+            self._clipper = BookKeepingClipper(model, max_grad_norm, group_size=group_size, clipping=clipping)
             self._forward = self._clipper.forward
         elif mode in ("hooks", "functorch"):
             self._hooks = prepare_module(model, mode, wrap_model=False, batch_first=True, loss_reduction="mean")
@@ -511,7 +537,8 @@ def train(
     """
     device = resolve_device(cfg.train.device) if device is None else torch.device(device)
     dataset = make_unit_dataset(
-        images, patient_index, cfg.privacy, seed=cfg.train.seed if seed is None else int(seed)
+        images, patient_index, cfg.privacy, seed=cfg.train.seed if seed is None else int(seed),
+        slices_per_patient=cfg.train.slices_per_patient,
     )
     n_units = len(dataset)
     if n_units != plan.n_units:
@@ -547,6 +574,10 @@ def train(
     seed = cfg.train.seed if seed is None else int(seed)
     # Model-side randomness (VAE eps, DAE noise): reproducible from train.seed.
     model_gen = torch.Generator().manual_seed(_mix(seed, 1))
+    aug_gen = torch.Generator().manual_seed(_mix(seed, 4))
+    multiplicity = int(cfg.train.augment_multiplicity) if dp else 1
+    if multiplicity < 1:
+        raise ConfigError(f"train.augment_multiplicity must be at least 1; got {multiplicity}")
     if dp:
         secret = secrets.randbits(62) if dp_seed is None else int(dp_seed)
         sample_gen = torch.Generator().manual_seed(_mix(secret, 2))
@@ -555,7 +586,11 @@ def train(
         sample_gen = torch.Generator().manual_seed(_mix(seed, 2))
         noise_gen = None
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # Only the selected parameters are trained (and, under DP, clipped and noised);
+    # the rest keep the weights the model came with (e.g. the public model's).
+    trained = set_trainable(model, cfg.train.trainable)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay)
     epoch_loss_sums = [0.0] * plan.epochs
     epoch_counts = [0] * plan.epochs
     num_examples = 0
@@ -569,13 +604,16 @@ def train(
             expected_batch_size=plan.expected_batch_size,
             noise_generator=noise_gen,
             proximal_mu=proximal_mu,
+            group_size=dataset.k * multiplicity,
+            clipping=cfg.privacy.clipping,
         )
         accountant = None
         if dp:
             from opacus.accountants import create_accountant
 
-            # Opacus' own accountant sees every step: a cross-check for the ledger.
-            accountant = create_accountant(mechanism=cfg.privacy.accountant)
+            # Opacus' own accountant sees every step: a cross-check for the ledger
+            # (which replays the steps with its own accountant, PLD included).
+            accountant = create_accountant(mechanism=_opacus_mechanism(cfg.privacy.accountant))
             stepper.attach_accountant_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         steps_taken = 0
         try:
@@ -585,18 +623,20 @@ def train(
                     stepper.fill_empty()
                     empty_steps += 1
                 else:
-                    x = dataset.batch(units, step)
+                    x = dataset.batch(units, step)  # [len(units) * k, C, S, S]
+                    x = augment_views(x, multiplicity, aug_gen)  # [len(units) * k * m, C, S, S]
                     x_in = model.corrupt(x, model_gen)
                     losses = stepper.compute_gradient(x_in, x, model_gen)
                     epoch_loss_sums[epoch] += float(losses.sum())
-                    epoch_counts[epoch] += len(units)
-                    num_examples += len(units)
+                    epoch_counts[epoch] += len(x)
+                    num_examples += len(x)
                 stepper.step()
                 steps_taken += 1
                 if progress is not None:
                     progress(steps_taken, plan.steps)
         finally:
             stepper.close()
+            set_trainable(model, "all")
     seconds = time.perf_counter() - start
     if steps_taken != plan.steps:  # pragma: no cover - guarded by _batches
         raise MedaeError(f"took {steps_taken} steps, planned {plan.steps}")
@@ -618,9 +658,36 @@ def train(
         noise_multiplier=noise_multiplier,
         sample_rate=plan.sample_rate if dp else 0.0,
         accountant_history=history,
-        accountant=cfg.privacy.accountant,
+        accountant=_opacus_mechanism(cfg.privacy.accountant),
+        trained_parameters=trained,
         state_dict={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
     )
+
+
+MAX_SHIFT_PX = 3  # augmentation: largest translation, in pixels
+
+
+def augment_views(x: Tensor, multiplicity: int, gen: torch.Generator) -> Tensor:
+    """Augmentation multiplicity (De et al. 2022): each row followed by ``m - 1`` augmented copies of it.
+
+    Copies are left-right mirrored (brains are nearly symmetric) and shifted
+    by up to `MAX_SHIFT_PX` pixels (``torch.flip`` / ``torch.roll``; the
+    background they wrap is black). The copies of a row belong to the same
+    unit, so the clipper (``group_size = k * m``) averages their gradients
+    before clipping: the same sensitivity, a lower-variance gradient.
+    """
+    if multiplicity == 1:
+        return x
+    n = x.shape[0]
+    views = [x]
+    for _ in range(multiplicity - 1):
+        shifts = torch.randint(-MAX_SHIFT_PX, MAX_SHIFT_PX + 1, (n, 2), generator=gen).tolist()
+        copy = torch.flip(x, dims=(-1,))
+        views.append(torch.stack([torch.roll(copy[i], (dy, dx), dims=(-2, -1)) for i, (dy, dx) in
+                                  enumerate(shifts)]))
+    # [n, ...] x m -> row-major [n * m, ...]: the m views of row i are adjacent, so a
+    # unit's k rows stay contiguous as k * m rows.
+    return torch.stack(views, dim=1).reshape(n * multiplicity, *x.shape[1:])
 
 
 def _batches(plan: TrainingPlan, dp: bool, gen: torch.Generator) -> Iterator[Tensor]:

@@ -26,6 +26,7 @@ from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.federated import RunState, pool_evaluations
 from medae_core.models import build_model
+from medae_core.pretrain import initial_weights
 from medae_core.report import reference_images, write_metrics, write_report
 from server.strategy import build_strategy
 
@@ -55,7 +56,15 @@ class FederatedRun:
         if self.state.rounds_done > 0:
             log.info("resuming run %s after round %d", self.state.run_id, self.state.rounds_done)
             return ArrayRecord(load_bundle(self.run_dir / "model").state_dict)
-        return ArrayRecord(build_model(self.cfg.model, seed=self.cfg.train.seed).state_dict())
+        # Round 0's global model: train.init (a public model by default), else a seeded random start.
+        state_dict, provenance = initial_weights(self.cfg)
+        self.state.init = provenance
+        if provenance is not None:
+            log.info("starting from %s (%s)", provenance["init"], provenance["data"])
+        else:
+            state_dict = build_model(self.cfg.model, seed=self.cfg.train.seed).state_dict()
+            log.info("starting from a random initialisation (train.init = \"none\")")
+        return ArrayRecord(state_dict)
 
     def run(self) -> None:
         rounds = self.cfg.federation.rounds
@@ -137,6 +146,8 @@ class FederatedRun:
                     "noise_multiplier": m["noise-multiplier"],
                     "privacy_unit": unit,
                     "seconds": m["seconds"],
+                    "trained_parameters": int(m["trained-parameters"]),
+                    "noise_to_signal": m["noise-to-signal"] if m["noise-multiplier"] else None,
                 }
                 self.state.sites[name] = {
                     "site": name,
@@ -175,7 +186,8 @@ class FederatedRun:
                 n_healthy=int(last.get("n_healthy", 0)),
                 method="federated-histogram",
             ),
-            info={"run_id": self.state.run_id, "round": self.state.rounds_done, "sites": sorted(self.state.sites)},
+            info={"run_id": self.state.run_id, "round": self.state.rounds_done, "sites": sorted(self.state.sites),
+                  "init": self.state.init},
         )
         save_bundle(self.run_dir / "model", bundle)
         self.state.save(self.run_dir)
@@ -191,6 +203,8 @@ class FederatedRun:
             "sites": list(self.state.sites.values()),
             "threshold": final.get("threshold"),
             "test": final.get("test"),
+            "intensity_baseline": final.get("baseline"),
+            "init": self.state.init,
             "config": self.cfg.to_dict(),
         }
 

@@ -20,6 +20,7 @@ TINY = {
     "train.num_threads": 1,
     "privacy.budget_epsilon": 50.0,
     "federation.min_sites": 2,
+    "train.init": "none",  # the tiny model has no public start; tests of train.init set their own
 }
 
 

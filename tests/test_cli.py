@@ -41,7 +41,7 @@ def test_privacy_epsilon_json_uses_the_site_accounting(capsys):
             "--delta", "1e-5", "--json"]
     assert main(args) == 0
     eps = _json_out(capsys)["epsilon"]
-    assert eps == pytest.approx(compute_epsilon([(1.1, 0.01, 1000)], 1e-5, "rdp"))
+    assert eps == pytest.approx(compute_epsilon([(1.1, 0.01, 1000)], 1e-5, "pld"))
     assert 0.5 < eps < 5
 
 

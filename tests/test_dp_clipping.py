@@ -98,3 +98,60 @@ def test_weight_tying_is_refused():
     clipper = BookKeepingClipper(model, 1.0)
     with pytest.raises(UnsupportedModelError, match="twice"):
         clipper.forward(torch.randn(2, 4))
+
+
+def per_unit_reference(model, x, k, max_grad_norm, clipping="flat"):
+    """Explicit per-patient DP sum: for each unit, autograd of the MEAN loss of its k rows, clipped."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for u in range(x.shape[0] // k):
+        xs = x[u * k : (u + 1) * k]
+        loss = model.per_sample_loss(xs, model(xs)).mean()
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norms.append(norm)
+        for t, g in zip(total, grads):
+            t += clip_factors(norm, max_grad_norm, clipping) * g
+    return total, torch.stack(norms)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "automatic"])
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
+def test_multi_slice_units_match_an_explicit_per_patient_computation(strategy, clipping):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="ae", channels=(8, 16), latent_dim=8, groups=4), seed=0).double()
+    k = 3
+    x = torch.rand(4 * k, 1, 64, 64, dtype=torch.float64)
+    _, raw = per_unit_reference(model, x, k, 1e9)
+    clip = float(raw.median())  # half the patients are clipped
+    ref, ref_norms = per_unit_reference(model, x, k, clip, clipping)
+    clipper = BookKeepingClipper(model, clip, strategy=strategy, group_size=k, clipping=clipping)
+    norms = clipper.backward(model.per_sample_loss(x, clipper.forward(x)))
+    clipper.close()
+    assert norms.shape == (4,)
+    assert torch.allclose(norms, ref_norms, rtol=1e-9)
+    for p, r in zip(model.parameters(), ref):
+        assert torch.allclose(p.grad, r, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "automatic"])
+def test_a_patients_contribution_is_bounded_by_c_however_many_slices_it_has(clipping):
+    model = build_model(ModelConfig(kind="ae", channels=(8, 16), latent_dim=8, groups=4), seed=0)
+    for k in (1, 4, 8):
+        x = torch.rand(k, 1, 64, 64) * 3  # one patient, k slices, large gradients
+        clipper = BookKeepingClipper(model, 1e-3, group_size=k, clipping=clipping)
+        norms = clipper.backward(model.per_sample_loss(x, clipper.forward(x)))
+        clipper.close()
+        total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+        assert float(norms[0]) > 1e-3  # it was clipped ...
+        assert float(total) <= 1e-3 * (1 + 1e-5)  # ... to at most C
+
+
+def test_a_batch_that_is_not_whole_units_is_refused():
+    model = build_model(ModelConfig(kind="ae", channels=(8, 16), latent_dim=8, groups=4), seed=0)
+    clipper = BookKeepingClipper(model, 1.0, group_size=3)
+    x = torch.rand(4, 1, 64, 64)
+    with pytest.raises(ValueError, match="whole number of units"):
+        clipper.backward(model.per_sample_loss(x, clipper.forward(x)))
+    clipper.close()

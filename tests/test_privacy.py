@@ -367,3 +367,62 @@ def test_reserve_accepts_numpy_scalars_and_stores_plain_numbers(tmp_path):
     ledger = open_ledger(path)
     ledger.reserve(np.float32(1.5), np.float64(Q), np.int64(100), run_id="r", round=np.int64(1), unit="image")
     assert PrivacyLedger.open(path).history == [(1.5, Q, 100)]
+
+
+# -- the default accountant: tight, and never below the tight value ---------------------
+# Published DP-SGD settings (σ, q, steps): Abadi et al. 2016 (MNIST), De et al. 2022
+# (CIFAR-10, ε≈8), Tramèr & Boneh 2021, and medae's default site round.
+PUBLISHED = [(1.1, 256 / 60000, 60 * 60000 // 256), (3.0, 4096 / 50000, 2500), (1.54, 512 / 50000, 3000),
+             (1.9, 16 / 127, 350)]
+
+
+def dp_accounting_pld(history, delta, interval=1e-4) -> float:
+    """Google dp-accounting's PLD accountant, finely discretised: the tight value."""
+    from dp_accounting import dp_event, pld
+
+    acc = pld.PLDAccountant(value_discretization_interval=interval)
+    acc.compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n)
+        for s, q, n in history]))
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("setting", PUBLISHED)
+def test_default_accountant_is_never_below_dp_accountings_pld_and_tighter_than_rdp(setting):
+    from medae_core.config import PrivacyConfig
+
+    default = PrivacyConfig().accountant
+    eps = compute_epsilon([setting], DELTA, default)
+    tight = dp_accounting_pld([setting], DELTA)
+    rdp = compute_epsilon([setting], DELTA, "rdp")
+    assert eps >= tight  # never under-reported
+    assert eps <= tight * 1.01  # and within 1 % of it
+    assert eps <= rdp
+
+
+def test_pld_composes_a_mixed_history_soundly():
+    history = [(1.2, 0.1, 100), (0.9, 0.05, 300), (1.2, 0.1, 50)]
+    eps = compute_epsilon(history, DELTA, "pld")
+    assert eps >= dp_accounting_pld(history, DELTA)
+    assert compute_epsilon(history[:2], DELTA, "pld") < eps  # more steps, more ε
+
+
+def test_calibration_with_pld_fits_the_budget_with_less_noise_than_rdp():
+    sigma_pld = calibrate_noise(8.0, DELTA, 16 / 127, 350, "pld")
+    sigma_rdp = calibrate_noise(8.0, DELTA, 16 / 127, 350, "rdp")
+    eps = compute_epsilon([(sigma_pld, 16 / 127, 350)], DELTA, "pld")
+    assert 8.0 * 0.99 <= eps <= 8.0
+    assert sigma_pld < sigma_rdp
+
+
+def test_an_existing_ledger_keeps_its_accountant_when_the_default_changes(tmp_path):
+    from medae_core.config import PrivacyConfig
+
+    path = tmp_path / "site.jsonl"
+    reserve(open_ledger(path, accountant="rdp"))
+    cfg = PrivacyConfig(budget_epsilon=4.0, delta=DELTA, accountant="pld")
+    ledger = PrivacyLedger.for_config(cfg, site=SITE, path=path)
+    assert ledger.accountant == "rdp"
+    assert ledger.epsilon() == compute_epsilon([(1.5, Q, 100)], DELTA, "rdp")
+    fresh = PrivacyLedger.for_config(cfg, site=SITE, path=tmp_path / "new.jsonl")
+    assert fresh.accountant == "pld"

@@ -276,3 +276,98 @@ def test_train_rejects_inconsistent_inputs():
         train(model, images[:, :32, :32], patients, plan_training(4, cfg.train, 1), cfg, noise_multiplier=1.0)
     with pytest.raises(ConfigError, match="noise_multiplier"):
         train(model, images, patients, plan_training(4, cfg.train, 1), cfg, noise_multiplier=-1.0)
+
+
+# -- fewer private parameters, more slices per patient -----------------------------
+def test_frozen_parameters_are_bit_identical_after_dp_training_and_get_no_noise():
+    images, patients = synthetic(n_patients=8, per_patient=3)
+    cfg = run_cfg(epochs=2).with_overrides({"train.trainable": "decoder"})
+    model = build_model(cfg.model, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_training(8, cfg.train, epochs=2)
+    result = train(model, images, patients, plan, cfg, noise_multiplier=5.0, dp_seed=3)
+    decoder = [k for k in before if k.startswith("decoder.")]
+    encoder = [k for k in before if k.startswith("encoder.")]
+    assert result.trained_parameters == sum(before[k].numel() for k in decoder)
+    assert all(torch.equal(result.state_dict[k], before[k]) for k in encoder)  # bit for bit
+    assert all(not torch.equal(result.state_dict[k], before[k]) for k in decoder if k.endswith("weight"))
+    assert all(p.requires_grad for p in model.parameters())  # the model is left trainable
+
+    # The noised gradient covers the trained parameters only: frozen ones get none at all.
+    from medae_core.models import set_trainable
+
+    set_trainable(model, "decoder")
+    grads = privatized_gradient(model, torch.rand(4, 1, 64, 64), grad_sample_mode="auto",
+                                max_grad_norm=1.0, noise_multiplier=3.0)
+    assert len(grads) == len(decoder)
+    assert all(p.grad is None for name, p in model.named_parameters() if name.startswith("encoder."))
+
+
+def test_trainable_parts_select_what_they_name():
+    from medae_core.models import set_trainable, trainable_mask
+
+    model = build_model(ModelConfig(kind="vae", channels=(8, 16), latent_dim=8, groups=4), seed=0)
+    norm = trainable_mask(model, "norm")
+    assert norm["encoder.features.1.weight"] and not norm["encoder.features.0.weight"]
+    assert all(v == k.endswith(".bias") for k, v in trainable_mask(model, "bias").items())
+    both = trainable_mask(model, "norm, bias")
+    assert sum(both.values()) == sum(norm[k] or k.endswith(".bias") for k in both)
+    assert trainable_mask(model, "bottleneck")["decoder.fc.weight"]
+    assert set_trainable(model, "all") == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="train.trainable"):
+        trainable_mask(model, "attention")
+
+
+def test_patient_dataset_draws_k_distinct_stratified_slices_per_patient():
+    images, patients = synthetic(n_patients=5, per_patient=6)
+    ds = PatientSliceDataset(images, patients, seed=0, k=3)
+    units = torch.tensor([0, 3, 4])
+    ids = ds.slice_ids(units, step=7).view(3, 3)
+    for row, patient in zip(ids, units):
+        assert len(set(row.tolist())) == 3  # distinct
+        assert all(patients[i] == patient for i in row.tolist())  # all of that patient
+    assert ds.batch(units, step=7).shape == (9, 1, 64, 64)
+    few = PatientSliceDataset(images[:2], np.zeros(2, int), seed=0, k=4)  # fewer slices than k
+    assert sorted(few.slice_ids(torch.tensor([0]), 0).tolist()) == [0, 0, 1, 1]
+
+
+def test_dp_training_with_several_slices_per_patient_counts_patients_not_slices():
+    images, patients = synthetic(n_patients=8, per_patient=3)
+    cfg = run_cfg(epochs=1).with_overrides({"train.slices_per_patient": 3})
+    plan = plan_training(8, cfg.train, epochs=1)
+    assert plan.n_units == 8
+    result = train(build_model(cfg.model, seed=0), images, patients, plan, cfg, noise_multiplier=1.0, dp_seed=0)
+    assert result.steps_taken == plan.steps
+    assert result.num_examples % 3 == 0 and result.num_examples > 0
+
+
+def test_opacus_modes_refuse_what_only_book_keeping_does():
+    images, patients = synthetic(n_patients=4, per_patient=2)
+    for over in ({"train.slices_per_patient": 2}, {"privacy.clipping": "automatic"}):
+        cfg = run_cfg(mode="hooks", epochs=1).with_overrides(over)
+        with pytest.raises(ConfigError, match="bk"):
+            train(build_model(cfg.model, seed=0), images, patients, plan_training(4, cfg.train, 1), cfg,
+                  noise_multiplier=1.0, dp_seed=0)
+
+
+def test_augmentation_multiplicity_keeps_each_rows_views_together():
+    from medae_core.training import augment_views
+
+    x = torch.rand(4, 1, 16, 16)
+    views = augment_views(x, 3, torch.Generator().manual_seed(0))
+    assert views.shape == (12, 1, 16, 16)
+    for i in range(4):
+        assert torch.equal(views[3 * i], x[i])  # the original first ...
+        for j in (1, 2):  # ... then mirrored, shifted copies of the same row
+            copy = views[3 * i + j]
+            assert any(torch.equal(torch.roll(torch.flip(x[i], (-1,)), (dy, dx), (-2, -1)), copy)
+                       for dy in range(-3, 4) for dx in range(-3, 4))
+    assert augment_views(x, 1, torch.Generator()) is x
+
+
+def test_dp_training_with_slices_and_augmented_views_takes_the_planned_steps():
+    images, patients = synthetic(n_patients=8, per_patient=3)
+    cfg = run_cfg(epochs=1).with_overrides({"train.slices_per_patient": 2, "train.augment_multiplicity": 2})
+    plan = plan_training(8, cfg.train, epochs=1)
+    result = train(build_model(cfg.model, seed=0), images, patients, plan, cfg, noise_multiplier=1.0, dp_seed=0)
+    assert result.steps_taken == plan.steps and result.num_examples % 4 == 0
