@@ -53,6 +53,8 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
     from medae_core.baselines import evaluate_model, pool_sites, pooled_test, train_and_evaluate
     from medae_core.benchmark import make_benchmark
     from medae_core.bundle import load_bundle
+    from medae_core.models import build_model
+    from medae_core.pretrain import initial_weights
     from medae_core.site import load_site_data, scored_metrics
     from medae_core.training import resolve_device
 
@@ -77,6 +79,16 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
     device = resolve_device(cfg0.train.device)
     result = {"patients_per_site": patients, "train_patients": [d.n_train_patients for d in data],
               "intensity": intensity, "intensity_per_site": per_site_intensity, "by_epsilon": {}}
+    # The public start itself (no site data, no ε): what private training must improve on.
+    state, provenance = initial_weights(cfg0)
+    if state is not None:
+        start = build_model(cfg0.model)
+        start.load_state_dict(state)
+        start = start.to(device).eval()
+        result["zero_shot"] = evaluate_model(start, cfg0, test, None, device)["image_auroc"]
+        result["zero_shot_per_site"] = {d.name: evaluate_model(start, cfg0, pooled_test([d]), None, device)[
+            "image_auroc"] for d in data}
+        result["init"] = provenance
     for eps in epsilons:
         key = "inf" if math.isinf(eps) else f"{eps:g}"
         cfg = cfg0.with_overrides({"privacy.enabled": False} if math.isinf(eps) else {"privacy.budget_epsilon": eps})
@@ -126,14 +138,20 @@ def markdown(store: dict) -> str:
         for name in row_names(sites):
             vals = [res["by_epsilon"][k]["rows"].get(name) for k in keys]
             lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+        if res.get("zero_shot") is not None:
+            lines.append("| public start, no site training (ε = 0) | "
+                         + " | ".join(f"{res['zero_shot']:.3f}" for _ in keys) + " |")
         lines.append("| intensity threshold | " + " | ".join(f"{res['intensity']:.3f}" for _ in keys) + " |")
         lines.append("")
         lines.append("Federated model per site (its own test set) against the intensity threshold there:\n")
-        lines.append("| site | intensity | " + " | ".join("ε = ∞" if k == "inf" else f"ε = {k}" for k in keys) + " |")
-        lines.append("|---|---|" + "---|" * len(keys))
+        lines.append("| site | intensity | public start | " + " | ".join("ε = ∞" if k == "inf" else f"ε = {k}"
+                                                                      for k in keys) + " |")
+        lines.append("|---|---|---|" + "---|" * len(keys))
         for site, base in res["intensity_per_site"].items():
             vals = [res["by_epsilon"][k]["federated_per_site"].get(site) for k in keys]
-            lines.append(f"| {site} | {base:.3f} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+            zero = (res.get("zero_shot_per_site") or {}).get(site)
+            lines.append(f"| {site} | {base:.3f} | {'–' if zero is None else f'{zero:.3f}'} | "
+                         + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -156,6 +174,8 @@ def figure(store: dict) -> bytes:
             if "inf" in keys:
                 ax.axhline(res["by_epsilon"]["inf"]["rows"][name], color=line.get_color(), lw=0.8, ls=":")
         ax.axhline(res["intensity"], color="k", lw=1.5, ls="-.", label="intensity threshold")
+        if res.get("zero_shot") is not None:
+            ax.axhline(res["zero_shot"], color="C2", lw=1.5, ls="--", label="public start (ε = 0)")
         ax.axhline(0.5, color="grey", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [f"{v:g}" for v in x])

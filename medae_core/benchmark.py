@@ -69,6 +69,8 @@ WM_REFERENCE = 0.84  # mean template intensity in white matter
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 PUBLIC_STREAM = 6000  # offset of the public set's random streams (scanners and patients)
 PUBLIC_SCANNERS = 4  # scanners the public set's patients are spread over
+SITE_GAMMA = (0.7, 1.4)  # tissue-intensity gamma of the sites' scanners
+PUBLIC_GAMMA = ((0.45, 0.65), (1.5, 1.8))  # the public scanners' (alternating): other contrasts
 
 LABEL_RULE = (
     f"A lesion's mask is where its effective weight is >= 0.5. A lesion is drawn into a slice "
@@ -160,7 +162,10 @@ def _site_appearance(seed: int, index: int, *, public: bool = False) -> SiteAppe
     """Scanner `index` of the sites, or (``public=True``) of the public set.
 
     The public scanners draw from their own random streams (keys 7000+ instead
-    of 1000+), so no generated site shares a public scanner's appearance.
+    of 1000+), so no generated site shares a public scanner's appearance, and
+    from appearance ranges outside the sites' (`PUBLIC_GAMMA`, more noise, a
+    stronger bias field): like a public collection acquired on other scanners
+    with other protocols, a model trained on them must still adapt to a site.
     """
     stream = PUBLIC_STREAM if public else 0
     rng = np.random.default_rng([seed, stream + 1000 + index])
@@ -185,11 +190,11 @@ def _site_appearance(seed: int, index: int, *, public: bool = False) -> SiteAppe
         matrix=matrix,
         fov_mm=fov,
         pixel_spacing_mm=round(fov / matrix, 6),
-        gamma=round(float(rng.uniform(0.7, 1.4)), 4),
-        bias_amplitude=round(float(rng.uniform(0.0, 0.3)), 4),
+        gamma=round(float(rng.uniform(*(PUBLIC_GAMMA[index % 2] if public else SITE_GAMMA))), 4),
+        bias_amplitude=round(float(rng.uniform(*((0.3, 0.45) if public else (0.0, 0.3)))), 4),
         bias_coefficients=tuple(round(float(c), 4) for c in rng.normal(0.0, 1.0, 9)),
         noise=str(rng.choice(["rician", "gaussian"])),
-        noise_sigma=round(float(rng.uniform(0.01, 0.04)), 4),
+        noise_sigma=round(float(rng.uniform(*((0.04, 0.06) if public else (0.01, 0.04)))), 4),
         contrast_scale=round(float(scale), 1),
         contrast_offset=offset,
         bits_stored=bits,

@@ -185,12 +185,14 @@ class SiteTrainer:
             epsilon = entry["epsilon_after"]  # ε with this round, computed under the ledger's lock
             ratio = noise_to_signal(sigma, trained, plan.expected_batch_size, plan.steps * max(rounds_left, 1))
             if ratio > NOISE_TO_SIGNAL_WARNING:
+                consequence = ("DP-SGD will learn little from a random start: start from a public model "
+                               "(train.init)" if state_dict is None else
+                               "private fine-tuning can move the public start only a little")
                 log.warning(
-                    "site %s: DP noise is %.1f× the clipped signal (%d %ss, %d trained parameters, σ=%.2f): "
-                    "too few %ss for patient-level DP to learn much%s. More %ss per site, fewer trained "
-                    "parameters (train.trainable) or a larger budget move it.",
-                    self.data.name, ratio, n_units, cfg.privacy.unit, trained, sigma, cfg.privacy.unit,
-                    " from a random start" if state_dict is None else "", cfg.privacy.unit)
+                    "site %s: DP noise is %.1f× the clipped signal (%d %ss, %d trained parameters, σ=%.2f); "
+                    "%s. More %ss per site, fewer trained parameters (train.trainable) or a larger budget "
+                    "lower it.", self.data.name, ratio, n_units, cfg.privacy.unit, trained, sigma, consequence,
+                    cfg.privacy.unit)
         result = train(
             model,
             self.data.train_images,

@@ -59,4 +59,4 @@ def test_a_site_in_the_noise_dominated_regime_is_warned(tiny_benchmark, tiny_cfg
     with caplog.at_level(logging.WARNING, logger="medae_core.site"):
         result = SiteTrainer(data, cfg, ledger).train_round(None, run_id="r", server_round=1)
     assert result.noise_to_signal > NOISE_TO_SIGNAL_WARNING
-    assert "DP noise is" in caplog.text and "random start" in caplog.text
+    assert "DP noise is" in caplog.text and "from a random start" in caplog.text
