@@ -162,6 +162,9 @@ def cmd_train_local(args) -> int:
     table.add_row("images / patients", f"{summary['train_images']} / {summary['train_patients']}")
     table.add_row("loss (train / val)", f"{summary['loss']:.4f} / {summary['val_loss']:.4f}")
     table.add_row("speed", f"{summary['images_per_second']:.0f} images/s")
+    init = summary.get("init")
+    table.add_row("start", f"public model: {init['data']}" if init else "random initialisation")
+    table.add_row("trained parameters", str(summary.get("trained_parameters", "–")))
     priv = summary["privacy"]
     if priv["enabled"]:
         table.add_row("privacy", f"ε = {priv['epsilon']:.2f} of {priv['budget_epsilon']:g} (δ = {priv['delta']:g}), "
@@ -226,8 +229,14 @@ def cmd_simulate(args) -> int:
     })
     metrics = prepare_and_run(cfg, args.out, baselines=args.baselines)
     rows = {"federated": metrics.get("test")}
+    if metrics.get("intensity_baseline") and not metrics.get("baselines"):
+        rows["intensity threshold"] = metrics["intensity_baseline"]
     rows.update({k: v for k, v in (metrics.get("baselines") or {}).items()})
     out.print(results_table(rows))
+    from medae_core.report import verdict
+
+    for warning in verdict(metrics)["warnings"]:
+        out.print(f"[bold red]{warning}[/bold red]")
     out.print(f"report: {Path(args.out) / 'report.html'}; model: {Path(args.out) / 'model'}")
     return 0
 
@@ -356,7 +365,8 @@ def cmd_server(args) -> int:
                 progress.console.print(f"round {record['round']}/{total}: {round_summary(record)}", highlight=False)
 
         metrics = serve(cfg, opts, progress=on_round, echo=_flower_echo(args.verbose))
-    out.print(results_table({"federated": metrics.get("test")}))
+    out.print(results_table({"federated": metrics.get("test"),
+                             "intensity threshold": metrics.get("intensity_baseline")}))
     out.print(f"report: {args.out / 'report.html'}; model: {args.out / 'model'}")
     return 0
 

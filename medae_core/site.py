@@ -183,10 +183,12 @@ class SiteTrainer:
                 sigma, plan.sample_rate, plan.steps, run_id=run_id, round=server_round, unit=cfg.privacy.unit
             )
             epsilon = entry["epsilon_after"]  # ε with this round, computed under the ledger's lock
-            ratio = noise_to_signal(sigma, trained, plan.expected_batch_size, plan.steps * max(rounds_left, 1))
+            run_rounds = server_round + max(rounds_left, 1) - 1  # the whole run, not what is left of it
+            ratio = noise_to_signal(sigma, trained, plan.expected_batch_size, plan.steps * run_rounds)
             if ratio > NOISE_TO_SIGNAL_WARNING:
+                random_start = cfg.train.init.strip().lower() in ("", "none", "scratch")
                 consequence = ("DP-SGD will learn little from a random start: start from a public model "
-                               "(train.init)" if state_dict is None else
+                               "(train.init)" if random_start else
                                "private fine-tuning can move the public start only a little")
                 log.warning(
                     "site %s: DP noise is %.1f× the clipped signal (%d %ss, %d trained parameters, σ=%.2f); "

@@ -225,3 +225,14 @@ def test_generic_loader_reads_a_generated_site(bench):
     assert int((site.test.labels == 1).sum()) == info["test"]["anomalous_slices"]
     assert int((site.test.labels == 0).sum()) == info["test"]["healthy_slices"]
     assert int(site.test.has_mask.sum()) == info["test"]["anomalous_slices"]
+
+
+def test_test_patients_sets_the_split_and_bad_values_are_refused(tmp_path):
+    summary = make_benchmark(tmp_path / "b", sites=1, patients=5, seed=0, slices_per_patient=2, test_patients=2)
+    site = summary["sites"][0]
+    assert (site["train"]["patients"], site["test"]["patients"]) == (3, 2)
+    for bad in (1, 5, True):
+        with pytest.raises(DataError, match="test_patients"):
+            make_benchmark(tmp_path / f"bad{bad}", sites=1, patients=5, test_patients=bad)
+    with pytest.raises(DataError, match="nothing to write"):
+        make_benchmark(tmp_path / "none", sites=0)

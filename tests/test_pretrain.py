@@ -101,3 +101,19 @@ def test_the_shipped_public_model_matches_the_default_configuration():
     assert set(state) == model_keys
     assert "public" in provenance["data"] and provenance["init"] == "builtin"
     assert np.isfinite([float(v.float().abs().sum()) for v in state.values()]).all()
+
+
+def test_the_server_sends_the_pretrained_weights_as_round_zero(public_model, tmp_path):
+    from server.app import FederatedRun
+
+    out, _, cfg = public_model
+    weights = load_bundle(out).state_dict
+    run = FederatedRun(grid=None, cfg=cfg.with_overrides({"train.init": str(out)}), run_dir=tmp_path / "run")
+    arrays = run.initial_arrays().to_torch_state_dict()
+    assert all(torch.equal(arrays[k], weights[k]) for k in weights)
+    assert run.state.init["data"] == load_bundle(out).info[PROVENANCE_KEY]["data"]
+    assert run.metrics()["init"]["config_hash"] == config_hash(load_bundle(out).config)
+
+    scratch = FederatedRun(grid=None, cfg=cfg.with_overrides({"train.init": "none"}), run_dir=tmp_path / "r2")
+    assert scratch.state.init is None and scratch.initial_arrays() is not None
+    assert scratch.metrics()["init"] is None
