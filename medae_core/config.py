@@ -72,6 +72,8 @@ class TrainConfig:
     slices_per_patient: int = 1
     # Under DP: each slice plus m-1 mirrored, shifted copies, averaged before clipping
     augment_multiplicity: int = 1
+    # Exponential moving average of the weights within a round (0 = off); free under DP
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)

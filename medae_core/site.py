@@ -185,7 +185,7 @@ class SiteTrainer:
             epsilon = entry["epsilon_after"]  # ε with this round, computed under the ledger's lock
             run_rounds = server_round + max(rounds_left, 1) - 1  # the whole run, not what is left of it
             ratio = noise_to_signal(sigma, trained, plan.expected_batch_size, plan.steps * run_rounds)
-            if ratio > NOISE_TO_SIGNAL_WARNING:
+            if ratio > NOISE_TO_SIGNAL_WARNING and server_round == 1:  # once per run; every round reports it
                 random_start = cfg.train.init.strip().lower() in ("", "none", "scratch")
                 consequence = ("DP-SGD will learn little from a random start: start from a public model "
                                "(train.init)" if random_start else

@@ -371,3 +371,20 @@ def test_dp_training_with_slices_and_augmented_views_takes_the_planned_steps():
     plan = plan_training(8, cfg.train, epochs=1)
     result = train(build_model(cfg.model, seed=0), images, patients, plan, cfg, noise_multiplier=1.0, dp_seed=0)
     assert result.steps_taken == plan.steps and result.num_examples % 4 == 0
+
+
+def test_ema_returns_the_moving_average_of_the_iterates():
+    images, patients = synthetic(n_patients=4, per_patient=1)
+    cfg = run_cfg(unit="image", epochs=1, batch_size=4)  # one step
+    plan = plan_training(4, cfg.train, epochs=1)
+    start = build_model(cfg.model, seed=0)
+    w0 = {k: v.clone() for k, v in start.state_dict().items()}
+    plain = train(build_model(cfg.model, seed=0), images, None, plan, cfg, noise_multiplier=None).state_dict
+    averaged = train(build_model(cfg.model, seed=0), images, None, plan,
+                     cfg.with_overrides({"train.ema_decay": 0.75}), noise_multiplier=None).state_dict
+    for k in w0:
+        if w0[k].is_floating_point():
+            assert torch.allclose(averaged[k], w0[k] + 0.25 * (plain[k] - w0[k]), atol=1e-6)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train(build_model(cfg.model, seed=0), images, None, plan, cfg.with_overrides({"train.ema_decay": 1.5}),
+              noise_multiplier=None)
