@@ -32,7 +32,9 @@ def run_cfg(kind="ae", unit="patient", mode="auto", epochs=2, batch_size=4, lr=3
     return RunConfig(
         model=ModelConfig(kind=kind, channels=MODEL.channels, latent_dim=MODEL.latent_dim, groups=MODEL.groups),
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="cpu", num_threads=1),
-        privacy=PrivacyConfig(unit=unit, grad_sample_mode=mode, max_grad_norm=1.0),
+        # Opacus' own modes clip flat only; book-keeping ("auto", "bk") takes the default (automatic).
+        privacy=PrivacyConfig(unit=unit, grad_sample_mode=mode, max_grad_norm=1.0,
+                              clipping="automatic" if mode in ("auto", "bk") else "flat"),
     )
 
 
