@@ -175,7 +175,7 @@ def figure(store: dict) -> bytes:
                 ax.axhline(res["by_epsilon"]["inf"]["rows"][name], color=line.get_color(), lw=0.8, ls=":")
         ax.axhline(res["intensity"], color="k", lw=1.5, ls="-.", label="intensity threshold")
         if res.get("zero_shot") is not None:
-            ax.axhline(res["zero_shot"], color="C2", lw=1.5, ls="--", label="public start (ε = 0)")
+            ax.axhline(res["zero_shot"], color="C4", lw=1.5, ls="--", label="public start (ε = 0)")
         ax.axhline(0.5, color="grey", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [f"{v:g}" for v in x])
