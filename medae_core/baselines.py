@@ -67,11 +67,11 @@ def train_and_evaluate(data: SiteData, cfg: RunConfig, test: dict, ledger_dir: P
     if cfg.privacy.enabled:
         path = ledger_dir / f"{data.name}-{uuid.uuid4().hex[:6]}.jsonl"
         ledger = PrivacyLedger.for_config(cfg.privacy, site=data.name, path=path)
+    from medae_core.jobs import train_and_calibrate
+
     trainer = SiteTrainer(data, cfg, ledger)
-    result = trainer.train_round(None, run_id="baseline", server_round=1)
-    evaluation = trainer.evaluate(result.state_dict, with_test=False)
-    threshold = scoring.calibrate_threshold(evaluation.healthy_scores, cfg.scoring.threshold_percentile)
-    out = evaluate_model(trainer.model(result.state_dict), cfg, test, threshold, trainer.device)
+    result, _, threshold = train_and_calibrate(trainer, "baseline")
+    out = evaluate_model(trainer.model(result.state_dict), cfg, test, threshold.value, trainer.device)
     out["epsilon"] = result.epsilon if cfg.privacy.enabled else None
     return out
 

@@ -43,14 +43,7 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
         check_ledger_location(ledger_path, site)
         ledger = PrivacyLedger.for_config(cfg.privacy, site=data.name, path=ledger_path)
     trainer = SiteTrainer(data, cfg, ledger)
-    result = trainer.train_round(None, run_id=uuid.uuid4().hex[:12], server_round=1, progress=progress)
-    evaluation = trainer.evaluate(result.state_dict, with_test=False)
-    threshold = Threshold(
-        value=float(scoring.calibrate_threshold(evaluation.healthy_scores, cfg.scoring.threshold_percentile)),
-        percentile=cfg.scoring.threshold_percentile,
-        n_healthy=len(evaluation.healthy_scores),
-        method="validation-percentile",
-    )
+    result, evaluation, threshold = train_and_calibrate(trainer, uuid.uuid4().hex[:12], progress)
     summary = {
         "site": data.name,
         "train_images": len(data.train_images),
@@ -85,6 +78,20 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
                                                                                    "init": result.init}))
     write_json(run_dir / "metrics.json", summary)
     return summary
+
+
+def train_and_calibrate(trainer: SiteTrainer, run_id: str, progress=None):
+    """One training run from ``train.init``, then the threshold from the healthy validation scores."""
+    result = trainer.train_round(None, run_id=run_id, server_round=1, progress=progress)
+    evaluation = trainer.evaluate(result.state_dict, with_test=False)
+    percentile = trainer.cfg.scoring.threshold_percentile
+    threshold = Threshold(
+        value=float(scoring.calibrate_threshold(evaluation.healthy_scores, percentile)),
+        percentile=percentile,
+        n_healthy=len(evaluation.healthy_scores),
+        method="validation-percentile",
+    )
+    return result, evaluation, threshold
 
 
 def intensity_baseline_metrics(test, cfg: RunConfig) -> dict:

@@ -37,8 +37,7 @@ from typing import Any
 
 import torch
 
-from medae_core import scoring
-from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
+from medae_core.bundle import Bundle, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.errors import BundleError, ConfigError
 
@@ -84,7 +83,7 @@ def pretrain(data: Path, out: Path, cfg: RunConfig, *, description: str | None =
     The bundle is complete (threshold from the public validation split), so it
     can be scored directly, used as ``train.init``, or both. Returns a summary.
     """
-    from medae_core.jobs import ensure_outside
+    from medae_core.jobs import ensure_outside, train_and_calibrate
     from medae_core.site import SiteTrainer, load_site_data
 
     data, out = Path(data), Path(out)
@@ -92,15 +91,7 @@ def pretrain(data: Path, out: Path, cfg: RunConfig, *, description: str | None =
     cfg = cfg.with_overrides({"privacy.enabled": False, "privacy.unit": "image", "train.init": "none",
                               "train.trainable": "all"})
     site = load_site_data(data, cfg, name="public")
-    trainer = SiteTrainer(site, cfg, ledger=None)
-    result = trainer.train_round(None, run_id="pretrain", server_round=1, progress=progress)
-    evaluation = trainer.evaluate(result.state_dict, with_test=False)
-    threshold = Threshold(
-        value=float(scoring.calibrate_threshold(evaluation.healthy_scores, cfg.scoring.threshold_percentile)),
-        percentile=cfg.scoring.threshold_percentile,
-        n_healthy=len(evaluation.healthy_scores),
-        method="validation-percentile",
-    )
+    result, evaluation, threshold = train_and_calibrate(SiteTrainer(site, cfg, ledger=None), "pretrain", progress)
     provenance = {
         "data": description or describe_data(data, site.n_train_patients),
         "patients": site.n_train_patients,
@@ -136,7 +127,7 @@ def initial_weights(cfg: RunConfig) -> tuple[dict[str, torch.Tensor] | None, dic
 def check_compatible(start: RunConfig, cfg: RunConfig, init: str) -> None:
     """A start must have the run's architecture; different preprocessing is allowed but warned about."""
     have, want = start.to_dict()["model"], cfg.to_dict()["model"]
-    diff = [k for k in _ARCH_KEYS if have[k] != want[k]]
+    diff = _architecture_diff(have, want)
     if diff:
         raise ConfigError(
             f"train.init = {init!r} is a {have['kind']} model at {have['image_size']} px "
@@ -154,7 +145,8 @@ def builtin_model(cfg: RunConfig) -> Path:
 
     name = f"{cfg.model.kind}-{cfg.model.image_size}"
     shipped = SHIPPED_DIR / name
-    if (shipped / "bundle.json").is_file() and _same_architecture(shipped, cfg):
+    if (shipped / "bundle.json").is_file() and not _architecture_diff(
+            json.loads((shipped / "bundle.json").read_text())["config"]["model"], cfg.to_dict()["model"]):
         return shipped
     key = hashlib.sha256(json.dumps(cfg.to_dict()["model"], sort_keys=True).encode()).hexdigest()[:12]
     cached = medae_home() / "pretrained" / f"{name}-{key}"
@@ -188,7 +180,6 @@ def build_builtin(cfg: RunConfig, out: Path, work: Path | None = None) -> dict:
     return summary
 
 
-def _same_architecture(path: Path, cfg: RunConfig) -> bool:
-    meta = json.loads((path / "bundle.json").read_text())
-    have, want = meta["config"]["model"], cfg.to_dict()["model"]
-    return all(have[k] == want[k] for k in _ARCH_KEYS)
+def _architecture_diff(have: dict, want: dict) -> list[str]:
+    """The architecture keys in which two [model] tables differ."""
+    return [k for k in _ARCH_KEYS if have[k] != want[k]]

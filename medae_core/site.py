@@ -26,7 +26,7 @@ import torch
 from medae_core import metrics, scoring
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
-from medae_core.models import build_model, set_trainable
+from medae_core.models import build_model, trainable_mask
 from medae_core.pretrain import initial_weights
 from medae_core.privacy import PrivacyLedger
 from medae_core.training import (
@@ -172,8 +172,8 @@ class SiteTrainer:
             state_dict, init = initial_weights(cfg)
         if state_dict is not None:
             model.load_state_dict(state_dict)
-        trained = set_trainable(model, cfg.train.trainable)
-        set_trainable(model, "all")
+        mask = trainable_mask(model, cfg.train.trainable)
+        trained = sum(p.numel() for name, p in model.named_parameters() if mask[name])
         sigma, epsilon, ratio = None, 0.0, None
         if cfg.privacy.enabled:
             if self.ledger is None:
