@@ -52,6 +52,10 @@ class DataConfig:
     percentile_high: float = 99.5
     min_foreground: float = 0.02  # slices with less foreground are left out
     val_fraction: float = 0.15  # share of patients held out for validation
+    # Largest decoded pixel data of one file (rows x columns x frames x samples x bytes,
+    # or a NIfTI volume's shape x dtype), in MiB, read from the header before decoding;
+    # larger files are skipped with a reason. 1 GiB admits a 1000-slice 512 px CT in one file.
+    max_image_mb: float = 1024.0
 
 
 @dataclass(frozen=True)

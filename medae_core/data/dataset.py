@@ -215,7 +215,7 @@ def _scan_files(
 ) -> Scan:
     labels = read_labels(labels_csv, root) if labels_csv is not None else None
     owned = _owned_files(root, labels_csv, labels)
-    builder = _ScanBuilder(root, image_size, labels)
+    builder = _ScanBuilder(root, data, image_size, labels)
     results = _read_many(root, [rel for rel in files if rel not in owned], data, image_size)
     for done, rel in enumerate(files, start=1):
         if rel not in owned:
@@ -294,8 +294,8 @@ def _owned_files(root: Path, labels_csv: Path | None, labels: dict[str, LabelRow
 class _ScanBuilder:
     """Collects slices, entries, labels and masks while files are read."""
 
-    def __init__(self, root: Path, image_size: int, labels: dict[str, LabelRow] | None):
-        self.root, self.size, self.labels = root, image_size, labels
+    def __init__(self, root: Path, data: DataConfig, image_size: int, labels: dict[str, LabelRow] | None):
+        self.root, self.data, self.size, self.labels = root, data, image_size, labels
         self.images: list[np.ndarray] = []
         self.entries: list[ImageEntry] = []
         self.label_values: list[int] = []
@@ -322,7 +322,7 @@ class _ScanBuilder:
         if not (self.root / row.mask).is_file():
             return None
         try:
-            frames = read_mask(self.root / row.mask)
+            frames = read_mask(self.root / row.mask, self.data)
             if any((s.frame or 0) >= len(frames) for s in read.slices):
                 raise UnusableFile(f"mask has {len(frames)} frame(s), fewer than the image")
             masks = [frames[s.frame or 0] for s in read.slices]

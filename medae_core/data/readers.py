@@ -24,6 +24,15 @@ must still contain a SOP Class UID or pixel data, else the file is
 skipped as "not a DICOM file". For a forced dataset with uncompressed pixel
 data the transfer syntax is taken from the encoding pydicom detected.
 
+Size limit (``data.max_image_mb``): one hostile file must not take a site's
+memory. Before anything is decoded, the decoded size is computed from the
+header (DICOM rows x columns x frames x samples x bytes per sample; NIfTI the
+first volume's shape x dtype; raster width x height x bands x bytes x pages)
+and a file over the limit is skipped as "too large". A DICOM file is also
+refused when it is itself larger than the limit, and a Deflated Explicit VR
+file is inflated in a stream, counting, before pydicom inflates it whole,
+so a deflate bomb of a few kB costs no more than its limit.
+
 Patient keys: DICOM PatientID, else StudyInstanceUID, else the file's path
 relative to the scanned root. NIfTI and raster files carry no patient
 identity, so each file is its own patient (key: its relative path).
@@ -32,7 +41,9 @@ identity, so each file is its own patient (key: its relative path).
 from __future__ import annotations
 
 import logging
+import math
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +53,15 @@ import pydicom
 from PIL import Image, ImageSequence
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from medae_core.config import DataConfig
 from medae_core.errors import ConfigError, DataError
@@ -65,6 +82,11 @@ FOREGROUND_LEVEL = 0.1
 PERCENTILE_SAMPLES = 32768
 # BT.601 luma weights, the same Pillow uses for RGB -> "L".
 LUMA = np.array([0.299, 0.587, 0.114])
+MIB = 2**20
+INFLATE_CHUNK = 4 * MIB  # largest piece of a deflated data set held while it is counted
+# Bytes per band of Pillow's modes; anything else counts as 4 (the widest, "I" / "F").
+RASTER_BAND_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 1, "RGB": 1, "RGBA": 1, "CMYK": 1, "YCbCr": 1,
+                     "I;16": 2, "I;16B": 2, "I;16L": 2}
 
 
 class UnusableFile(DataError):
@@ -119,6 +141,78 @@ def _reject_by_name(path: Path) -> None:
         raise UnusableFile(f"not an image file ({suffix})")
 
 
+# -- size limit -------------------------------------------------------------------
+def check_decoded_size(nbytes: int, data: DataConfig, what: str = "decodes to") -> None:
+    """Raise `UnusableFile` ("too large: ...") when ``nbytes`` exceeds ``data.max_image_mb``."""
+    if nbytes > data.max_image_mb * MIB:
+        raise UnusableFile(
+            f"too large: {what} {_size(nbytes)}, over the limit data.max_image_mb = {data.max_image_mb:g} MiB"
+        )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _header_int(ds: Dataset, keyword: str, default: int) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UnusableFile(f"unreadable DICOM: {keyword} is not a number ({str(value)[:40]!r})") from None
+    if number < 0:
+        raise UnusableFile(f"unreadable DICOM: {keyword} is negative ({number})")
+    return number
+
+
+def dicom_decoded_bytes(ds: Dataset) -> int:
+    """Bytes the pixel data decodes to, from the header alone (before any decoding)."""
+    samples = _header_int(ds, "SamplesPerPixel", 1)
+    bits = _header_int(ds, "BitsAllocated", 8)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        samples, bits = 3, max(bits, 16)  # the colour LUT's output
+    return (
+        _header_int(ds, "Rows", 0)
+        * _header_int(ds, "Columns", 0)
+        * max(1, _header_int(ds, "NumberOfFrames", 1))
+        * max(1, samples)
+        * max(1, math.ceil(bits / 8))
+    )
+
+
+def _check_deflated(path: Path, data: DataConfig) -> None:
+    """Inflate a Deflated Explicit VR data set in a stream, counting; refuse it past the limit.
+
+    pydicom inflates the whole data set in memory on `dcmread`; a kB-sized
+    deflate bomb would become GBs before any header could be checked. Other
+    transfer syntaxes return at once (only the 132-byte preamble and the file
+    meta group are read).
+    """
+    with path.open("rb") as fp:
+        try:
+            read_preamble(fp, force=True)
+            meta = _read_file_meta_info(fp)
+        except Exception:  # no or broken meta: pydicom's own read reports it
+            return
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        try:
+            while not inflater.eof and (chunk := fp.read(INFLATE_CHUNK)):
+                while chunk:
+                    total += len(inflater.decompress(chunk, INFLATE_CHUNK))
+                    check_decoded_size(total, data, "its deflated data set inflates to more than")
+                    chunk = inflater.unconsumed_tail
+        except zlib.error as exc:
+            raise UnusableFile(f"undecodable (Deflated Explicit VR Little Endian): {_one_line(exc)}") from None
+
+
 # -- intensity ------------------------------------------------------------------
 def percentile_scale(values: np.ndarray, low: float, high: float, sample: np.ndarray | None = None) -> np.ndarray:
     """Map the ``low``..``high`` percentiles of ``sample`` (default: ``values``) to 0..1.
@@ -154,9 +248,9 @@ def _config_window(data: DataConfig) -> tuple[float, float]:
 def _read_dicom(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = _open_dicom(path)
+        ds = _open_dicom(path, data)
         _require_image(ds)
-        frames = _decode(ds)
+        frames = _decode(ds, data)
         images = _dicom_intensity(frames, ds, data)
     for w in caught:
         log.debug("%s: %s", rel, w.message)
@@ -172,7 +266,9 @@ def _read_dicom(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     return slices
 
 
-def _open_dicom(path: Path) -> Dataset:
+def _open_dicom(path: Path, data: DataConfig) -> Dataset:
+    check_decoded_size(path.stat().st_size, data, "the file is")
+    _check_deflated(path, data)
     ds = _parse_dicom(path)
     _guess_transfer_syntax(ds)
     return ds
@@ -231,8 +327,13 @@ def _require_image(ds: Dataset) -> None:
         raise UnusableFile(f"{NOT_IMAGES[modality]} ({_object_type(ds)})")
 
 
-def _decode(ds: Dataset) -> np.ndarray:
-    """Pixel data as an array with a leading frame axis: [F, H, W] or [F, H, W, 3]."""
+def _decode(ds: Dataset, data: DataConfig) -> np.ndarray:
+    """Pixel data as an array with a leading frame axis: [F, H, W] or [F, H, W, 3].
+
+    The header's decoded size is checked against the limit first: an RLE or
+    JPEG file of a few hundred bytes can claim 60000 x 60000 pixels.
+    """
+    check_decoded_size(dicom_decoded_bytes(ds), data)
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         if "PixelData" in ds and syntax is not None and not syntax.is_compressed:
@@ -308,7 +409,7 @@ def _read_nifti(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     non-zero voxels, or the configured window, e.g. on CT in HU), so slices of
     one volume stay comparable.
     """
-    volume = _nifti_volume(path, rel)
+    volume = _nifti_volume(path, rel, data)
     if data.intensity == "window":
         norm = window_scale(volume, *_config_window(data))
     else:
@@ -324,10 +425,18 @@ def _read_nifti(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     return slices
 
 
-def _nifti_volume(path: Path, rel: str) -> np.ndarray:
-    """First 3-D volume, reoriented to the closest canonical (RAS+) axes, NaN-free float32."""
+def _nifti_volume(path: Path, rel: str, data: DataConfig) -> np.ndarray:
+    """First 3-D volume, reoriented to the closest canonical (RAS+) axes, NaN-free float32.
+
+    nibabel reads the header only on `load`; the first volume's size is checked
+    against the limit before its voxels are read (a gzip of zeros whose header
+    claims 2000^3 voxels is a few kB).
+    """
     try:
         img = nib.load(path)
+        shape = tuple(int(n) for n in img.shape[:3])
+        itemsize = max(img.get_data_dtype().itemsize, np.dtype(np.float32).itemsize)
+        check_decoded_size(math.prod(shape) * itemsize, data, f"its first volume {shape} decodes to")
         if len(img.shape) > 3:
             log.info("%s is %d-D; using its first volume", rel, len(img.shape))
             img = img.slicer[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)]
@@ -362,7 +471,12 @@ def _read_raster(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     """
     try:
         with Image.open(path) as im:
+            check_decoded_size(_raster_bytes(im), data)
             pages = [_raster_gray(page, data) for page in ImageSequence.Iterator(im)]
+    except UnusableFile:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise UnusableFile(f"too large: {_one_line(exc)}") from None
     except Exception as exc:
         raise UnusableFile(f"unreadable image file: {_one_line(exc)}") from None
     multi = len(pages) > 1
@@ -370,6 +484,13 @@ def _read_raster(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     if not slices:
         raise UnusableFile("blank image (all pixels equal)")
     return slices
+
+
+def _raster_bytes(im: Image.Image) -> int:
+    """Decoded size of all pages from the header (Pillow opens lazily)."""
+    width, height = im.size
+    per_band = RASTER_BAND_BYTES.get(im.mode, 4)
+    return width * height * len(im.getbands()) * per_band * max(1, int(getattr(im, "n_frames", 1)))
 
 
 def _raster_gray(page: Image.Image, data: DataConfig) -> np.ndarray:
@@ -383,29 +504,35 @@ def _raster_gray(page: Image.Image, data: DataConfig) -> np.ndarray:
 
 
 # -- masks ------------------------------------------------------------------------
-def read_mask(path: Path) -> list[np.ndarray]:
+def read_mask(path: Path, data: DataConfig) -> list[np.ndarray]:
     """Ground-truth mask as boolean 2-D arrays, one per frame/slice (non-zero = anomalous).
 
     Oriented like the images `read_file` returns, without intensity scaling or
     slice selection, so mask ``i`` belongs to image frame ``i`` (frame None -> 0).
-    Masks must be stored losslessly (PNG, NIfTI, DICOM incl. SEG).
+    Masks must be stored losslessly (PNG, NIfTI, DICOM incl. SEG). The same
+    size limit as for images applies.
     """
     fmt = file_format(path)
     if fmt == "nifti":
-        volume = _nifti_volume(path, path.name)
+        volume = _nifti_volume(path, path.name, data)
         return [axial_view(volume[:, :, k]) != 0 for k in range(volume.shape[2])]
     if fmt == "raster":
         try:
             with Image.open(path) as im:
+                check_decoded_size(_raster_bytes(im), data)
                 return [np.asarray(page.convert("L")) > 0 for page in ImageSequence.Iterator(im)]
+        except UnusableFile:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise UnusableFile(f"too large: {_one_line(exc)}") from None
         except Exception as exc:
             raise UnusableFile(f"unreadable image file: {_one_line(exc)}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = _open_dicom(path)
+        ds = _open_dicom(path, data)
         if not _has_pixels(ds):
             raise UnusableFile(f"no pixel data ({_object_type(ds)})")
-        frames = _decode(ds)
+        frames = _decode(ds, data)
     if frames.ndim == 4:
         frames = frames.max(axis=-1)
     return list(frames != 0)
