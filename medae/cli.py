@@ -256,7 +256,7 @@ def cmd_privacy_epsilon(args) -> int:
 def cmd_privacy_ledger(args) -> int:
     from medae_core.privacy import PrivacyLedger, describe
 
-    summary = describe(PrivacyLedger.open(args.path, create=False))
+    summary = describe(PrivacyLedger.open(args.path, readonly=True))
     if args.json:
         print_json(summary)
         return 0

@@ -426,7 +426,13 @@ class Coordinator:
     def launch(self) -> int:
         from medae.simulate import write_app
 
-        app_dir = write_app(self.cfg, self.run_dir)
+        extra = {}
+        if self.site_of_node:  # who is who comes from the registered keys, not from the sites' replies
+            from medae_core.federated import SITE_REGISTRY, SITE_REGISTRY_KEY, write_site_registry
+
+            write_site_registry(self.run_dir / SITE_REGISTRY, self.site_of_node)
+            extra[SITE_REGISTRY_KEY] = str(self.run_dir / SITE_REGISTRY)
+        app_dir = write_app(self.cfg, self.run_dir, extra)
         answer = self.flwr("run", str(app_dir), CONNECTION)
         self.run_id = int(answer["run-id"])
         log.info("run %s started on the SuperLink", self.run_id)

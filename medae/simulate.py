@@ -54,12 +54,12 @@ def toml_value(value) -> str:
     return f'"{escaped}"'
 
 
-def write_app(cfg: RunConfig, run_dir: Path) -> Path:
-    """RUN/.flwr-app/pyproject.toml: the app manifest whose run_config is ``cfg`` (+ ``run-dir``)."""
+def write_app(cfg: RunConfig, run_dir: Path, extra: dict[str, str] | None = None) -> Path:
+    """RUN/.flwr-app/pyproject.toml: the app manifest whose run_config is ``cfg`` (+ ``run-dir``, ``extra``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     app_dir = run_dir / ".flwr-app"
     app_dir.mkdir(exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(app_manifest(run_config(cfg, run_dir)))
+    (app_dir / "pyproject.toml").write_text(app_manifest(run_config(cfg, run_dir) | (extra or {})))
     return app_dir
 
 

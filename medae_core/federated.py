@@ -13,11 +13,17 @@ treated as tied.
 `RunState` is the run's memory on the coordinator's disk (``RUN/state.json``):
 which round is done, the per-round metrics and each site's last report. The
 server saves it after every round so that a restarted run resumes.
+
+Before averaging, the server checks every site's reply (`check_update`,
+`RunState.check_epsilon`): one buggy or hostile site must not poison the
+global model for everyone, and a site whose ledger lost entries (its ε went
+down) must not train on as if it had spent less.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -32,6 +38,58 @@ from medae_core.fileio import write_json
 from medae_core.scoring import score_bin_index, threshold_from_histogram
 
 STATE = "state.json"
+# Deployment: the coordinator's record of which authenticated node is which site
+# (``RUN/sites.json``), named to the ServerApp by this run config key.
+SITE_REGISTRY = "sites.json"
+SITE_REGISTRY_KEY = "site-registry"
+# Adam's per-coordinate step is at most lr * (1 - beta1) / sqrt(1 - beta2) = 3.16 lr with
+# beta = (0.9, 0.999) (Kingma & Ba 2015, section 2.1); the margin covers float rounding,
+# weight decay and the moving average of the weights.
+ADAM_STEP_BOUND = 3.2
+UPDATE_MARGIN = 2.0
+
+
+def write_site_registry(path: Path, site_of_node: dict[int, str]) -> None:
+    write_json(path, {"nodes": {str(node): site for node, site in sorted(site_of_node.items())}})
+
+
+def read_site_registry(path: Path) -> dict[int, str]:
+    nodes = json.loads(Path(path).read_text())["nodes"]
+    return {int(node): str(site) for node, site in nodes.items()}
+
+
+# -- checks on a site's reply -------------------------------------------------
+def check_update(
+    global_state: dict[str, np.ndarray], update: dict[str, np.ndarray], *, steps: int, lr: float
+) -> str | None:
+    """Why ``update`` cannot be local training from ``global_state``; None when it can be.
+
+    Checks: the same keys and shapes as the global model; every value finite;
+    no coordinate moved further than ``steps`` Adam steps of size ``lr`` can move
+    it. This stops NaN, wrong-shape and crude scaling attacks; an update inside
+    the bound can still be biased, which robust strategies (``fedmedian``,
+    ``fedtrimmedavg``) are for.
+    """
+    missing, extra = sorted(set(global_state) - set(update)), sorted(set(update) - set(global_state))
+    if missing or extra:
+        return f"its arrays are not the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+    bound = UPDATE_MARGIN * ADAM_STEP_BOUND * lr * max(int(steps), 0)
+    largest = 0.0
+    for key, ref in global_state.items():
+        new = np.asarray(update[key])
+        if new.shape != np.shape(ref):
+            return f"array {key} has shape {list(new.shape)}, the model's is {list(np.shape(ref))}"
+        if not np.issubdtype(new.dtype, np.number) and new.dtype != np.bool_:
+            return f"array {key} is not numeric ({new.dtype})"
+        bad = int(np.size(new) - np.count_nonzero(np.isfinite(new)))
+        if bad:
+            return f"array {key} holds {bad} NaN or infinite values"
+        if new.size:
+            largest = max(largest, float(np.max(np.abs(new.astype(np.float64) - np.asarray(ref, np.float64)))))
+    if largest > bound:
+        return (f"it moves a weight by {largest:.3g}, more than {int(steps)} training steps at lr {lr:g} can "
+                f"(at most {bound:.3g})")
+    return None
 
 
 # -- metrics from pooled histograms -----------------------------------------
@@ -161,6 +219,25 @@ class RunState:
                     "use a new --out folder or the original config to resume it"
                 )
         return state
+
+    def check_epsilon(self, site: str, epsilon: float, budget: float) -> str | None:
+        """Why a site's reported ε cannot be accepted; None when it can.
+
+        ε only grows: a site reporting less than it reported earlier in this run
+        has a ledger that lost entries (cut off, restored from an old backup, or
+        deleted and started afresh), and would go on spending privacy it already
+        spent. Its update is refused until its administrator restores the ledger.
+        """
+        if not math.isfinite(epsilon) or epsilon < 0:
+            return f"it reports an invalid ε ({epsilon})"
+        if budget > 0 and epsilon > budget * (1 + 1e-9):
+            return f"it reports ε = {epsilon:.4g}, over its budget of {budget:g}"
+        last = self.sites.get(site, {}).get("epsilon")
+        if last is not None and epsilon < last - 1e-9:
+            return (f"its ε went down, from {last:.4f} to {epsilon:.4f}: its privacy ledger lost entries "
+                    "(truncated, restored from an older backup, or replaced). The site's administrator must "
+                    "restore the ledger before the site trains again")
+        return None
 
     def save(self, run_dir: Path) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -395,9 +395,10 @@ class PrivacyLedger:
     by another process.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
         """Use `PrivacyLedger.open`; this only binds the path."""
         self.path = Path(path)
+        self.readonly = readonly
         self._epsilon_cache: tuple[str, float] | None = None
 
     # -- opening ------------------------------------------------------------------
@@ -412,6 +413,7 @@ class PrivacyLedger:
         accountant: Accountant | None = None,
         create: bool = False,
         strict_accountant: bool = True,
+        readonly: bool = False,
     ) -> PrivacyLedger:
         """Open and verify the ledger at ``path``, creating it if asked.
 
@@ -428,6 +430,8 @@ class PrivacyLedger:
                 is created with; an existing ledger keeps replaying its history with
                 the accountant its header names (every accountant here is a sound
                 upper bound), so a changed default never rewrites a site's past.
+            readonly: only read (``medae privacy ledger``): no folder, lock file or
+                head marker is created, and nothing is repaired.
 
         Raises:
             LedgerError: the ledger is missing (never created, or deleted after it
@@ -435,25 +439,23 @@ class PrivacyLedger:
             PrivacyError: it belongs to another site or was made with another
                 budget, δ or accountant.
         """
-        ledger = cls(Path(path).expanduser().absolute())
+        ledger = cls(Path(path).expanduser().absolute(), readonly=readonly)
+        if readonly:
+            if not ledger.path.exists():
+                ledger._raise_missing(ledger._read_head())
+            records = ledger._load()
+            ledger._expect(records, site, budget_epsilon, delta, accountant)
+            return ledger
         if not create and not ledger.path.parent.is_dir():  # look without creating the folder
             raise LedgerError(f"no privacy ledger at {ledger.path}")
         with ledger._locked(exclusive=True):
             head = ledger._read_head()
             if not ledger.path.exists():
-                if head is not None:
-                    raise LedgerError(
-                        f"the privacy ledger {ledger.path} is missing, but {ledger._head_path} shows this site "
-                        f"created one on {head.get('created', '?')} and recorded {head.get('seq', '?')} entries "
-                        "in it: the file was deleted or moved, and the privacy already spent cannot be counted. "
-                        "Restore the file from a backup. " + RESET_HINT.format(path=ledger.path)
-                        + " (this forgets what was spent)."
-                    )
-                if not create:
-                    raise LedgerError(f"no privacy ledger at {ledger.path}")
+                if head is not None or not create:
+                    ledger._raise_missing(head)
                 ledger._create(site, budget_epsilon, delta, accountant)
             records = ledger._read()
-            if head is None:  # created by a crashed run, or copied here: record the head now
+            if head is None and len(records) == 1:  # a crash between creating PATH and its head
                 ledger._write_head(records)
             else:
                 ledger._verify_head(records)
@@ -463,6 +465,17 @@ class PrivacyLedger:
             accountant = None
         ledger._expect(records, site, budget_epsilon, delta, accountant)
         return ledger
+
+    def _raise_missing(self, head: dict[str, Any] | None) -> None:
+        if head is None:
+            raise LedgerError(f"no privacy ledger at {self.path}")
+        raise LedgerError(
+            f"the privacy ledger {self.path} is missing, but {self._head_path} shows this site "
+            f"created one on {head.get('created', '?')} and recorded {head.get('seq', '?')} entries "
+            "in it: the file was deleted or moved, and the privacy already spent cannot be counted. "
+            "Restore the file from a backup. " + RESET_HINT.format(path=self.path)
+            + " (this forgets what was spent)."
+        )
 
     @classmethod
     def for_config(
@@ -682,14 +695,18 @@ class PrivacyLedger:
 
     @contextlib.contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
+        if exclusive and self.readonly:
+            raise LedgerError(f"the privacy ledger {self.path} was opened read-only")
         if exclusive:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            # A reader never creates the lock file: where it is absent no writer holds it.
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600) if exclusive else os.open(
+                self._lock_path, os.O_RDONLY)
         except OSError:
             if exclusive:
                 raise
-            yield  # read-only location: read without the lock
+            yield  # no lock file, or a read-only location: read without the lock
             return
         try:
             if fcntl is not None:
@@ -735,8 +752,10 @@ class PrivacyLedger:
         head = self._read_head()
         if head is None:
             raise LedgerError(
-                f"the marker {self._head_path} of the privacy ledger {self.path} is missing. "
-                + RESET_HINT.format(path=self.path)
+                f"the marker {self._head_path} of the privacy ledger {self.path} is missing, but the ledger "
+                f"records {len(records) - 1} entries: entries may have been cut off its end, or the ledger was "
+                "restored without its marker, and the privacy already spent could be under-counted. Restore "
+                "both files from the same backup. " + RESET_HINT.format(path=self.path)
             )
         seq = head["seq"]
         if seq >= len(records):

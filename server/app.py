@@ -5,11 +5,18 @@ after a restart and keeps a record per site), but sampling sites and averaging
 their weights are done by Flower's strategies (`server.strategy`):
 ``configure_train`` / ``aggregate_train`` and ``configure_evaluate``.
 
-Each round: sites train (replies: weights, loss, ε) → aggregate → sites
+Each round: sites train (replies: weights, loss, ε) → check every reply
+(`medae_core.federated.check_update`, `RunState.check_epsilon`; a failing one
+is left out of the round with its reason) → aggregate → sites
 evaluate the new global model (replies: validation loss, histogram counts,
 test metrics) → pool the histograms into a threshold and pooled metrics →
 save ``RUN/model/`` (the bundle `medae score` reads), ``RUN/state.json`` and
 ``RUN/metrics.json``. After the last round: ``RUN/report.html``.
+
+Who a reply comes from: in deployment, the site whose key the coordinator
+registered for the replying node (``RUN/sites.json``, run config key
+``site-registry``), whatever name the reply itself carries; in simulation,
+the name the ClientApp derives from its partition.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
 from medae_core.config import RunConfig
-from medae_core.federated import RunState, pool_evaluations
+from medae_core.federated import SITE_REGISTRY_KEY, RunState, check_update, pool_evaluations, read_site_registry
 from medae_core.models import build_model
 from medae_core.pretrain import initial_weights
 from medae_core.report import reference_images, write_metrics, write_report
+from medae_core.scoring import N_SCORE_BINS
 from server.strategy import build_strategy
 
 log = logging.getLogger("medae.server")
@@ -40,17 +48,19 @@ REPLY_TIMEOUT_S = 24 * 3600.0  # a hospital's round can take hours on CPU
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     run_dir = Path(str(context.run_config["run-dir"]))
-    FederatedRun(grid, cfg, run_dir).run()
+    registry = str(context.run_config.get(SITE_REGISTRY_KEY, "") or "")
+    FederatedRun(grid, cfg, run_dir, registry=read_site_registry(Path(registry)) if registry else None).run()
 
 
 class FederatedRun:
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path):
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, registry: dict[int, str] | None = None):
         self.grid = grid
         self.cfg = cfg
         self.run_dir = run_dir
         self.state = RunState.open(run_dir, cfg)
         self.strategy = build_strategy(cfg.federation)
-        self.site_of_node: dict[int, str] = {}
+        self.registry = registry  # node id -> site (deployment); None: names from the replies (simulation)
+        self.site_of_node: dict[int, str] = dict(registry or {})
 
     def initial_arrays(self) -> ArrayRecord:
         if self.state.rounds_done > 0:
@@ -95,8 +105,8 @@ class FederatedRun:
         config = ConfigRecord({"run-id": self.state.run_id, "rounds-left": self.cfg.federation.rounds - rnd + 1})
         messages = self.strategy.configure_train(rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
-        sites = self.site_records(replies, train=True)
-        new_arrays, _ = self.strategy.aggregate_train(rnd, [r for r in replies if not r.has_error()])
+        sites, accepted = self.site_records(replies, train=True, global_arrays=arrays)
+        new_arrays, _ = self.strategy.aggregate_train(rnd, accepted) if accepted else (None, None)
         if new_arrays is None:
             log.warning("round %d: no site trained; the global model is unchanged", rnd)
             new_arrays = arrays
@@ -109,7 +119,7 @@ class FederatedRun:
         config = ConfigRecord({} if threshold is None else {"threshold": float(threshold)})
         messages = self.strategy.configure_evaluate(rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
-        sites = self.site_records(replies, train=False)
+        sites, _ = self.site_records(replies, train=False)
         ok = [s for s in sites.values() if s["status"] == "ok"]
         pooled = pool_evaluations(
             [s.pop("histograms") for s in ok], self.cfg.scoring.threshold_percentile, threshold
@@ -119,58 +129,119 @@ class FederatedRun:
         record = {"val_loss": val_loss, "eval_sites": sites, **pooled}
         return record
 
-    def site_records(self, replies: list[Message], train: bool) -> dict[str, dict]:
-        """Per-site view of the replies; refusals keep their (path-free) reason."""
+    def site_records(
+        self, replies: list[Message], train: bool, global_arrays: ArrayRecord | None = None
+    ) -> tuple[dict[str, dict], list[Message]]:
+        """Per-site view of the replies, and the replies whose content may be used.
+
+        Refusals keep their (path-free) reason. A reply that is malformed, comes
+        from an unregistered node or a site already heard from this round, or
+        fails `check_update` / `RunState.check_epsilon`, is ``rejected`` with
+        its reason and left out; no reply can stop the run.
+        """
         records: dict[str, dict] = {}
+        accepted: list[Message] = []
+        global_state = {k: v.numpy() for k, v in global_arrays.items()} if global_arrays is not None else None
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                # medae sites start their reasons with "site NAME:"; Flower's own errors don't.
-                named = re.match(r"site (\S+): ", reply.error.reason or "")
-                name = named.group(1) if named else self.site_of_node.get(node, f"node-{node}")
+                name = self.name_of_error(node, reply.error.reason or "")
                 records[name] = {"status": "refused", "code": reply.error.code, "reason": reply.error.reason}
                 log.warning("%s: %s", name, reply.error.reason)
                 continue
-            name = str(reply.content["site"]["site"])
-            unit = str(reply.content["site"]["privacy-unit"])
-            self.site_of_node[node] = name
-            m = dict(reply.content["metrics"])
-            if train:
-                records[name] = {
-                    "status": "ok",
-                    "loss": m["loss"],
-                    "num_examples": int(m["num-examples"]),
-                    "epsilon": m["epsilon"],
-                    "delta": m["delta"],
-                    "budget_epsilon": m["budget-epsilon"],
-                    "noise_multiplier": m["noise-multiplier"],
-                    "privacy_unit": unit,
-                    "seconds": m["seconds"],
-                    "trained_parameters": int(m["trained-parameters"]),
-                    "noise_to_signal": m["noise-to-signal"] if m["noise-multiplier"] else None,
-                }
-                self.state.sites[name] = {
-                    "site": name,
-                    "epsilon": m["epsilon"],
-                    "delta": m["delta"],
-                    "budget_epsilon": m["budget-epsilon"],
-                    "privacy_unit": unit,
-                    "num_examples": int(m["num-examples"]),
-                }
-            else:
-                hist = {k.removesuffix("-hist").replace("-", "_"): v for k, v in m.items() if k.endswith("-hist")}
-                hist["healthy_hist"] = hist.pop("healthy")
-                test = {k.replace("-", "_"): v for k, v in m.items() if not k.endswith("-hist")}
-                records[name] = {
-                    "status": "ok",
-                    "val_loss": test.pop("val_loss"),
-                    "num_val": int(test.pop("num_examples")),
-                    "test": test,
-                    "histograms": hist,
-                }
-                if test and name in self.state.sites:
-                    self.state.sites[name]["test"] = test
-        return records
+            try:
+                name = self.name_of(node, str(reply.content["site"]["site"]))
+                if name in records:
+                    raise RejectedReply(name, "a second reply from this site in one round")
+                record = self.train_record(name, reply, global_state) if train else self.eval_record(name, reply)
+            except RejectedReply as exc:
+                key = exc.site if exc.site not in records else f"{exc.site} (node {node})"  # keep the first
+                records[key] = {"status": "rejected", "reason": f"site {exc.site}: update rejected: {exc}"}
+                log.warning("site %s: update rejected: %s", exc.site, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a malformed reply must not stop the run
+                name = self.site_of_node.get(node, f"node-{node}")
+                records[name] = {"status": "rejected",
+                                 "reason": f"site {name}: malformed reply ({type(exc).__name__})"}
+                log.warning("node %s (%s): malformed reply", node, name, exc_info=True)
+                continue
+            records[name] = record
+            accepted.append(reply)
+        return records, accepted
+
+    def name_of(self, node: int, claimed: str) -> str:
+        """The site a reply is from: the registered one in deployment, the claimed one in simulation."""
+        if self.registry is None:
+            self.site_of_node[node] = claimed
+            return claimed
+        if node not in self.registry:
+            raise RejectedReply(f"node-{node}", "the node is not one the coordinator registered")
+        name = self.registry[node]
+        if claimed != name:
+            log.warning("node %s is registered as site %s but calls itself %r; it is counted as %s",
+                        node, name, claimed, name)
+        return name
+
+    def name_of_error(self, node: int, reason: str) -> str:
+        if self.registry is not None:
+            return self.registry.get(node, f"node-{node}")
+        # medae sites start their reasons with "site NAME:"; Flower's own errors don't.
+        named = re.match(r"site (\S+): ", reason)
+        return named.group(1) if named else self.site_of_node.get(node, f"node-{node}")
+
+    def train_record(self, name: str, reply: Message, global_state: dict | None) -> dict:
+        unit = str(reply.content["site"]["privacy-unit"])
+        m = dict(reply.content["metrics"])
+        record = {
+            "status": "ok",
+            "loss": float(m["loss"]),
+            "num_examples": int(m["num-examples"]),
+            "epsilon": float(m["epsilon"]),
+            "delta": float(m["delta"]),
+            "budget_epsilon": float(m["budget-epsilon"]),
+            "noise_multiplier": float(m["noise-multiplier"]),
+            "privacy_unit": unit,
+            "seconds": float(m["seconds"]),
+            "trained_parameters": int(m["trained-parameters"]),
+            "noise_to_signal": float(m["noise-to-signal"]) if m["noise-multiplier"] else None,
+        }
+        problem = self.state.check_epsilon(name, record["epsilon"], record["budget_epsilon"]) if (
+            self.cfg.privacy.enabled) else None
+        if problem is None and global_state is not None:
+            update = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            problem = check_update(global_state, update, steps=int(m["steps"]), lr=self.cfg.train.lr)
+        if problem is not None:
+            raise RejectedReply(name, problem)
+        self.state.sites[name] = {
+            **self.state.sites.get(name, {}),
+            "site": name,
+            "epsilon": record["epsilon"],
+            "delta": record["delta"],
+            "budget_epsilon": record["budget_epsilon"],
+            "privacy_unit": unit,
+            "num_examples": record["num_examples"],
+        }
+        return record
+
+    def eval_record(self, name: str, reply: Message) -> dict:
+        m = dict(reply.content["metrics"])
+        hist = {k.removesuffix("-hist").replace("-", "_"): v for k, v in m.items() if k.endswith("-hist")}
+        hist["healthy_hist"] = hist.pop("healthy")
+        for key, counts in hist.items():
+            values = np.asarray(counts)
+            if values.shape != (N_SCORE_BINS,) or not np.all(np.isfinite(values)) or np.any(values < 0):
+                raise RejectedReply(name, f"its {key} is not {N_SCORE_BINS} non-negative counts")
+        test = {k.replace("-", "_"): v for k, v in m.items() if not k.endswith("-hist")}
+        record = {
+            "status": "ok",
+            "val_loss": float(test.pop("val_loss")),
+            "num_val": int(test.pop("num_examples")),
+            "test": test,
+            "histograms": hist,
+        }
+        if test and name in self.state.sites:
+            self.state.sites[name]["test"] = test
+        return record
 
     # -- persistence ----------------------------------------------------------------
     def save(self, arrays: ArrayRecord, threshold: float | None) -> None:
@@ -225,3 +296,11 @@ def round_summary(record: dict) -> str:
     if auroc is not None:
         parts.append(f"image AUROC {auroc:.3f}")
     return "; ".join(parts)
+
+
+class RejectedReply(Exception):
+    """A site's reply that is left out of the round; the message says why."""
+
+    def __init__(self, site: str, reason: str):
+        super().__init__(reason)
+        self.site = site

@@ -226,6 +226,63 @@ def test_deleted_ledger_of_a_site_that_trained_is_detected(tmp_path):
     assert "reset-ledger" in str(info.value)
 
 
+def test_entries_cut_off_with_the_head_deleted_are_refused(tmp_path):
+    path = tmp_path / "site.jsonl"
+    ledger = open_ledger(path)
+    for r in (1, 2, 3):
+        reserve(ledger, round=r)
+    spent = ledger.epsilon()
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-2]))  # a valid chain, two reservations short
+    path.with_name(path.name + ".head").unlink()
+    for attempt in range(2):  # the refusal repairs nothing: it stays until a reset
+        with pytest.raises(LedgerError, match="marker .* is missing") as info:
+            open_ledger(path)
+        assert "reset-ledger" in str(info.value) and "backup" in str(info.value)
+    assert not path.with_name(path.name + ".head").exists()
+    PrivacyLedger.reset(path, confirm=True)  # the administrator's way out, recorded aside
+    assert open_ledger(path).epsilon() < spent
+
+
+def test_a_ledger_restored_without_its_head_is_refused(tmp_path):
+    path = tmp_path / "site.jsonl"
+    reserve(open_ledger(path))
+    backup = path.read_bytes()
+    reserve(PrivacyLedger.open(path), round=2)
+    for name in (path.name, path.name + ".head", path.name + ".lock"):
+        (tmp_path / name).unlink()
+    path.write_bytes(backup)  # only *.jsonl came back from the backup
+    with pytest.raises(LedgerError, match="marker .* is missing"):
+        PrivacyLedger.open(path)
+
+
+def test_a_ledger_created_by_a_crashed_run_gets_its_head(tmp_path):
+    path = tmp_path / "site.jsonl"
+    open_ledger(path)
+    path.with_name(path.name + ".head").unlink()  # the crash: header written, head not yet
+    assert open_ledger(path).epsilon() == 0.0
+    assert path.with_name(path.name + ".head").exists()
+
+
+def test_reading_a_ledger_creates_and_repairs_nothing(tmp_path):
+    path = tmp_path / "site.jsonl"
+    reserve(open_ledger(path))
+    path.with_name(path.name + ".lock").unlink()
+    before = snapshot(path)
+    ledger = PrivacyLedger.open(path, readonly=True)
+    assert describe(ledger)["epsilon_spent"] == ledger.epsilon() > 0
+    assert snapshot(path) == before
+    with pytest.raises(LedgerError):
+        reserve(ledger, round=2)
+    assert snapshot(path) == before
+    path.with_name(path.name + ".head").unlink()
+    with pytest.raises(LedgerError, match="missing"):
+        PrivacyLedger.open(path, readonly=True)
+    with pytest.raises(LedgerError, match="no privacy ledger"):
+        PrivacyLedger.open(tmp_path / "absent" / "x.jsonl", readonly=True)
+    assert not (tmp_path / "absent").exists()
+
+
 def test_missing_ledger_is_only_created_when_asked(tmp_path):
     path = tmp_path / "site.jsonl"
     with pytest.raises(LedgerError, match="no privacy ledger"):

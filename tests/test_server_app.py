@@ -1,0 +1,147 @@
+"""The ServerApp's checks on every reply: who it is from, whether ε went down, whether the update is sane.
+
+Replies are real Flower `Message`s, as the ClientApp builds them; the round
+loop itself runs in `tests/test_simulation.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from medae_core.federated import ADAM_STEP_BOUND, check_update
+from medae_core.models import build_model
+from medae_core.scoring import N_SCORE_BINS
+from server.app import FederatedRun
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the running task's identity; a runtime sets it, so do we."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def run(tiny_cfg, tmp_path):
+    return FederatedRun(grid=None, cfg=tiny_cfg, run_dir=tmp_path / "run")
+
+
+def global_arrays(cfg) -> ArrayRecord:
+    return ArrayRecord(build_model(cfg.model, seed=0).state_dict())
+
+
+def train_reply(node: int, site: str, state: dict, *, epsilon: float = 1.0, steps: int = 10, **metrics) -> Message:
+    query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    values = {"num-examples": 20, "loss": 0.1, "steps": steps, "epsilon": epsilon, "delta": 1e-5,
+              "budget-epsilon": 50.0, "noise-multiplier": 1.0, "seconds": 1.0, "trained-parameters": 10,
+              "noise-to-signal": 0.5} | metrics
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(values),
+                          "site": ConfigRecord({"site": site, "privacy-unit": "patient"})})
+    return Message(content, reply_to=query)
+
+
+def trained(cfg, scale: float = 1e-3) -> dict:
+    """A plausible update: every weight moved by a few optimiser steps."""
+    state = build_model(cfg.model, seed=0).state_dict()
+    gen = torch.Generator().manual_seed(1)
+    return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def test_nan_wrong_shape_missing_and_huge_updates_are_rejected_and_the_rest_kept(run, tiny_cfg):
+    good = trained(tiny_cfg)
+    key = next(iter(good))
+    nan = dict(good) | {key: torch.full_like(good[key], float("nan"))}
+    shape = dict(good) | {key: torch.zeros(3)}
+    missing = {k: v for k, v in good.items() if k != key}
+    huge = {k: v * 1e6 for k, v in good.items()}
+    replies = [train_reply(1, "site-1", good), train_reply(2, "site-2", nan), train_reply(3, "site-3", shape),
+               train_reply(4, "site-4", missing), train_reply(5, "site-5", huge)]
+    records, accepted = run.site_records(replies, train=True, global_arrays=global_arrays(tiny_cfg))
+    assert [r.metadata.src_node_id for r in accepted] == [1]
+    assert records["site-1"]["status"] == "ok"
+    reasons = {name: records[name]["reason"] for name in ("site-2", "site-3", "site-4", "site-5")}
+    assert all(records[n]["status"] == "rejected" for n in reasons)
+    assert "NaN" in reasons["site-2"]
+    assert "shape" in reasons["site-3"]
+    assert "not the model's" in reasons["site-4"]
+    assert "more than 10 training steps" in reasons["site-5"]
+    assert set(run.state.sites) == {"site-1"}  # a rejected reply records nothing
+
+
+def test_the_update_bound_follows_the_steps_a_site_took():
+    before = {"w": np.zeros(4, np.float32)}
+    lr, steps = 1e-3, 100
+    inside = {"w": np.full(4, ADAM_STEP_BOUND * lr * steps, np.float32)}  # as far as Adam can go
+    outside = {"w": np.full(4, 3 * ADAM_STEP_BOUND * lr * steps, np.float32)}
+    assert check_update(before, inside, steps=steps, lr=lr) is None
+    assert check_update(before, outside, steps=steps, lr=lr) is not None
+    assert check_update(before, inside, steps=0, lr=lr) is not None  # no step, no move
+
+
+def test_a_site_whose_epsilon_went_down_is_refused_and_its_epsilon_kept(run, tiny_cfg):
+    arrays = global_arrays(tiny_cfg)
+    run.site_records([train_reply(1, "site-1", trained(tiny_cfg), epsilon=7.99)], train=True, global_arrays=arrays)
+    records, accepted = run.site_records([train_reply(1, "site-1", trained(tiny_cfg), epsilon=7.30)], train=True,
+                                         global_arrays=arrays)
+    assert not accepted
+    reason = records["site-1"]["reason"]
+    assert records["site-1"]["status"] == "rejected"
+    assert "went down" in reason and "restore the ledger" in reason
+    assert run.state.sites["site-1"]["epsilon"] == 7.99
+    over = run.site_records([train_reply(1, "site-1", trained(tiny_cfg), epsilon=51.0)], train=True,
+                            global_arrays=arrays)[0]
+    assert "over its budget" in over["site-1"]["reason"]
+
+
+def test_a_deployed_site_is_named_by_its_registered_key_not_by_its_reply(tiny_cfg, tmp_path):
+    run = FederatedRun(grid=None, cfg=tiny_cfg, run_dir=tmp_path / "run", registry={1: "st-marys", 2: "guys"})
+    replies = [train_reply(1, "st-marys", trained(tiny_cfg)), train_reply(2, "st-marys", trained(tiny_cfg)),
+               train_reply(9, "guys", trained(tiny_cfg))]
+    records, accepted = run.site_records(replies, train=True, global_arrays=global_arrays(tiny_cfg))
+    assert records["st-marys"]["status"] == records["guys"]["status"] == "ok"  # node 2 is guys, whatever it says
+    assert records["node-9"]["status"] == "rejected" and "not one the coordinator registered" in (
+        records["node-9"]["reason"])
+    assert len(accepted) == 2
+    query = Message(RecordDict({}), dst_node_id=2, message_type=MessageType.TRAIN)
+    error = Message(Error(100, "site st-marys: refused: budget"), reply_to=query)
+    assert set(run.site_records([error], train=True)[0]) == {"guys"}
+
+
+def test_in_simulation_a_second_reply_under_one_name_is_rejected(run, tiny_cfg):
+    replies = [train_reply(1, "site-1", trained(tiny_cfg)), train_reply(2, "site-1", trained(tiny_cfg))]
+    records, accepted = run.site_records(replies, train=True, global_arrays=global_arrays(tiny_cfg))
+    assert len(accepted) == 1 and records["site-1"]["status"] == "ok"
+    assert run.state.sites["site-1"]["epsilon"] == 1.0
+
+
+def test_malformed_replies_are_rejected_without_stopping_the_server(run, tiny_cfg):
+    query = Message(RecordDict({}), dst_node_id=3, message_type=MessageType.TRAIN)
+    empty = Message(RecordDict({"metrics": MetricRecord({"loss": 1.0})}), reply_to=query)
+    no_metrics = train_reply(4, "site-4", trained(tiny_cfg))
+    del no_metrics.content["metrics"]
+    records, accepted = run.site_records([empty, no_metrics], train=True, global_arrays=global_arrays(tiny_cfg))
+    assert not accepted
+    assert {r["status"] for r in records.values()} == {"rejected"}
+    assert all("malformed reply" in r["reason"] for r in records.values())
+
+
+def test_an_evaluation_with_malformed_histograms_is_rejected(run):
+    query = Message(RecordDict({}), dst_node_id=1, message_type=MessageType.EVALUATE)
+
+    def reply(counts):
+        metrics = MetricRecord({"num-examples": 5, "val-loss": 0.1, "healthy-hist": counts})
+        site = ConfigRecord({"site": "site-1", "privacy-unit": "patient"})
+        return Message(RecordDict({"metrics": metrics, "site": site}), reply_to=query)
+
+    ok, _ = run.site_records([reply([0] * N_SCORE_BINS)], train=False)
+    assert ok["site-1"]["status"] == "ok"
+    for counts in ([1, 2, 3], [-1] * N_SCORE_BINS):
+        records, accepted = run.site_records([reply(counts)], train=False)
+        assert not accepted and records["site-1"]["status"] == "rejected"
