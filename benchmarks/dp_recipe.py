@@ -44,7 +44,8 @@ def pretrain_state(public_dir: Path, cfg: RunConfig, epochs: int) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def federate(cfg: RunConfig, sites: list[Path], init: dict | None, rounds: int, tmp: Path):
+def federate(cfg: RunConfig, sites: list[Path], init: dict | None, rounds: int, tmp: Path,
+             server_momentum: float = 0.0, tail: int = 1):
     from medae_core.privacy import PrivacyLedger
     from medae_core.site import SiteTrainer, load_site_data
 
@@ -52,12 +53,24 @@ def federate(cfg: RunConfig, sites: list[Path], init: dict | None, rounds: int, 
     trainers = [SiteTrainer(d, cfg, PrivacyLedger.for_config(cfg.privacy, site=d.name,
                                                              path=tmp / f"{d.name}-{uuid.uuid4().hex[:6]}.jsonl")
                             if cfg.privacy.enabled else None) for d in datas]
-    state, last = init, []
+    state, last, momentum, history = init, [], None, []
     for r in range(1, rounds + 1):
         last = [t.train_round(state, run_id="recipe", server_round=r, rounds_left=rounds - r + 1) for t in trainers]
         w = np.array([x.num_examples for x in last], float)
         w /= w.sum()
-        state = {k: sum(wi * x.state_dict[k].float() for wi, x in zip(w, last)) for k in last[0].state_dict}
+        mean = {k: sum(wi * x.state_dict[k].float() for wi, x in zip(w, last)) for k in last[0].state_dict}
+        if state is None or server_momentum == 0.0:
+            state = mean
+        else:
+            # FedAvgM (Hsu et al. 2019): heavy-ball momentum on the averaged update.
+            delta = {k: mean[k] - state[k].float() for k in mean}
+            momentum = delta if momentum is None else {k: server_momentum * momentum[k] + delta[k] for k in delta}
+            state = {k: state[k].float() + momentum[k] for k in delta}
+        history.append(state)
+    if tail > 1:
+        # Tail averaging of the global models: the DP noise random-walks, the signal does not.
+        kept = history[-tail:]
+        state = {k: sum(h[k] for h in kept) / len(kept) for k in state}
     return state, datas, trainers, last
 
 
@@ -92,6 +105,8 @@ def main() -> int:
     ap.add_argument("--init", type=Path)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM momentum (0 = FedAvg)")
+    ap.add_argument("--tail", type=int, default=1, help="average the last N global models")
     ap.add_argument("--tag", default="")
     ap.add_argument("--log", type=Path, default=Path("runs/dp-recipe.jsonl"))
     a = ap.parse_args()
@@ -110,8 +125,10 @@ def main() -> int:
                                                                   [SiteTrainer(d, cfg, None) for d in datas])}
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            state, datas, trainers, last = federate(cfg, sites, init, a.rounds, Path(tmp))
+            state, datas, trainers, last = federate(cfg, sites, init, a.rounds, Path(tmp),
+                                                   a.server_momentum, a.tail)
         rec = {"tag": a.tag, "init": str(a.init or ""), "rounds": a.rounds, "set": parse_sets(a.set),
+               "server_momentum": a.server_momentum, "tail": a.tail,
                "auroc": image_aurocs(cfg, state, datas, trainers),
                "epsilon": [round(x.epsilon, 3) for x in last], "sigma": [x.noise_multiplier for x in last],
                "noise_to_signal": [x.noise_to_signal for x in last]}

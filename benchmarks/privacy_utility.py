@@ -48,7 +48,8 @@ def row_names(sites: list[str]) -> list[str]:
 
 
 def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -> dict:
-    from medae.simulate import prepare_and_run, site_folders
+    from medae.simulate import prepare_and_run
+    from medae_core.data import site_folders
     from medae_core import scoring
     from medae_core.baselines import evaluate_model, pool_sites, pooled_test, train_and_evaluate
     from medae_core.benchmark import make_benchmark

@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from medae_core.config import RunConfig
+from medae_core.data import site_folders
 from medae_core.errors import BudgetExceededError, DataError, LedgerError, PrivacyError, SitePolicyError
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.scoring import score_histogram
@@ -85,7 +86,7 @@ def site_location(context: Context, cfg: RunConfig) -> tuple[str, Path, Path]:
         ledger = Path(str(node["ledger-path"])) if node.get("ledger-path") else default_ledger_path(name)
         return name, data, ledger
     root = Path(cfg.federation.data_root)
-    sites = sorted(p for p in root.iterdir() if p.is_dir())
+    sites = site_folders(root)  # the same rule `medae simulate` counts sites with
     partition = int(node["partition-id"])
     if partition >= len(sites):
         raise DataError(f"simulation node {partition} has no site folder: {root} holds {len(sites)}")

@@ -22,13 +22,16 @@ from rich.console import Console  # noqa: E402
 from rich.logging import RichHandler  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from medae.deploy import DEFAULT_PORT  # noqa: E402
 from medae_core.config import RunConfig  # noqa: E402
 from medae_core.errors import MedaeError  # noqa: E402
 
-console = Console(stderr=True)
-out = Console()
+# No markup in what is printed: paths and reasons such as scans/a[/b] must print as they are;
+# styles are set with style= or Text.
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def cmd_check_data(args) -> int:
             table.add_row(f"  {reason}", str(n))
         out.print(table)
         if report["skipped"]:
-            out.print("[dim]--json lists every skipped file with its reason[/dim]")
+            out.print("--json lists every skipped file with its reason", style="dim")
     return 0 if report["usable_images"] >= 1 else 1
 
 
@@ -171,7 +174,7 @@ def cmd_train_local(args) -> int:
                                  f"unit: {priv['unit']}, σ = {priv['noise_multiplier']:.3f}")
         table.add_row("ledger", priv["ledger"])
     else:
-        table.add_row("privacy", "[yellow]none (--no-dp): this model carries no privacy guarantee[/yellow]")
+        table.add_row("privacy", Text("none (--no-dp): this model carries no privacy guarantee", style="yellow"))
     table.add_row("threshold", f"{summary['threshold']['value']:.4g} "
                                f"({summary['threshold']['percentile']:g}th percentile of healthy validation)")
     out.print(table)
@@ -207,7 +210,7 @@ def cmd_score(args) -> int:
         msg += f"; {summary['anomalous']} above the threshold {summary['threshold']:.4g}"
     out.print(msg)
     if summary["skipped"]:
-        out.print(f"[yellow]{len(summary['skipped'])} files skipped (reasons in summary.json)[/yellow]")
+        out.print(f"{len(summary['skipped'])} files skipped (reasons in summary.json)", style="yellow")
     if "metrics" in summary:
         out.print(results_table({"model": summary["metrics"]}))
     return 0
@@ -236,9 +239,20 @@ def cmd_simulate(args) -> int:
     from medae_core.report import verdict
 
     for warning in verdict(metrics)["warnings"]:
-        out.print(f"[bold red]{warning}[/bold red]")
+        out.print(warning, style="bold red")
     out.print(f"report: {Path(args.out) / 'report.html'}; model: {Path(args.out) / 'model'}")
-    return 0
+    return _exit_if_untrained(metrics)
+
+
+def _exit_if_untrained(metrics: dict) -> int:
+    from medae_core.federated import run_failure
+
+    why = run_failure(metrics)
+    if why is None:
+        return 0
+    console.print(Text.assemble(("error: ", "bold red"), f"{why}. The model is the untrained start; "
+                                "the report shows it only for reference."), soft_wrap=True)
+    return 1
 
 
 # -- privacy ------------------------------------------------------------------------
@@ -279,8 +293,8 @@ def cmd_privacy_reset(args) -> int:
     from medae_core.privacy import PrivacyLedger
 
     if not args.yes:
-        console.print("[red]refusing: resetting a ledger forgets privacy already spent. "
-                      "Pass --yes if an administrator has verified this.[/red]")
+        console.print("refusing: resetting a ledger forgets privacy already spent. "
+                      "Pass --yes if an administrator has verified this.", style="red")
         return 2
     result = PrivacyLedger.reset(args.path, confirm=True)
     out.print(f"ledger moved aside to {result['moved']}")
@@ -296,7 +310,7 @@ def cmd_privacy_set_budget(args) -> int:
     from medae_core.privacy import PrivacyLedger
 
     if not args.yes:
-        console.print("[red]refusing: changing a site's committed budget needs --yes and a --reason[/red]")
+        console.print("refusing: changing a site's committed budget needs --yes and a --reason", style="red")
         return 2
     ledger = PrivacyLedger.open(args.path)
     ledger.set_budget(args.epsilon, confirm=True, reason=args.reason)
@@ -330,7 +344,7 @@ def _insecure_warning(args) -> None:
     if args.insecure:
         from medae.deploy import INSECURE_WARNING
 
-        console.print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}", soft_wrap=True, highlight=False)
+        console.print(Text.assemble(("WARNING ", "bold red"), INSECURE_WARNING), soft_wrap=True, highlight=False)
 
 
 def _flower_echo(verbose: bool):
@@ -368,7 +382,7 @@ def cmd_server(args) -> int:
     out.print(results_table({"federated": metrics.get("test"),
                              "intensity threshold": metrics.get("intensity_baseline")}))
     out.print(f"report: {args.out / 'report.html'}; model: {args.out / 'model'}")
-    return 0
+    return _exit_if_untrained(metrics)
 
 
 def cmd_client(args) -> int:
@@ -593,11 +607,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MedaeError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=True, highlight=False)
+        # Text, not markup: a path such as scans/a[/b] must print as it is.
+        console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True, highlight=False)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
+        console.print("interrupted", style="yellow")
         return 130
+    except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback with -v
+        if args.verbose:
+            raise
+        console.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc} "
+                                    "(run again with -v for the traceback)"), soft_wrap=True, highlight=False)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from medae_core.config import RunConfig
-from medae_core.errors import ConfigError, DataError
+from medae_core.data import site_folders
+from medae_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,12 @@ def run_config(cfg: RunConfig, run_dir: Path) -> dict:
     return cfg.to_flat() | {"run-dir": str(run_dir.resolve())}
 
 
-def site_folders(root: Path) -> list[Path]:
-    sites = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not sites:
-        raise DataError(f"{root} has no site subfolders; a federation root holds one folder per site")
-    return sites
+def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
+    """Run the federation described by ``cfg``; return the run folder.
 
-
-def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
-    """Run the federation described by ``cfg``; return the run folder."""
+    ``client_app``: what every node runs; medae's own ClientApp (``client.app``)
+    unless a test passes another (e.g. a hostile site's).
+    """
     # Flower and Ray are imported here so that the rest of the CLI starts fast.
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -86,8 +84,10 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import app as client_app
     from server.app import app as server_app
+
+    if client_app is None:
+        from client.app import app as client_app
 
     root = Path(cfg.federation.data_root)
     sites = site_folders(root)
@@ -95,6 +95,7 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
         raise ConfigError(f"{root} has {len(sites)} site folders but {cfg.federation.sites} sites were asked for")
     if cfg.federation.min_sites > cfg.federation.sites:
         raise ConfigError("federation.min_sites cannot exceed federation.sites")
+    preflight(cfg)
 
     app_dir = write_app(cfg, run_dir)
     flat = run_config(cfg, run_dir)
@@ -127,6 +128,19 @@ def run_simulation(cfg: RunConfig, run_dir: Path) -> Path:
         exit_event=_exit_event(),
     )
     return run_dir
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail before Ray starts on what would otherwise fail in every node, every round.
+
+    The device must exist on this machine, and the starting model must load and
+    fit the configured architecture.
+    """
+    from medae_core.pretrain import initial_weights
+    from medae_core.training import resolve_device
+
+    resolve_device(cfg.train.device)
+    initial_weights(cfg)
 
 
 def _exit_event():

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from medae_core.config import RunConfig
-from medae_core.errors import BundleError
+from medae_core.errors import BundleError, ConfigError
 from medae_core.fileio import atomic_write, write_json
 
 BUNDLE_FORMAT = 1
@@ -47,7 +47,15 @@ class Bundle:
         from medae_core.models import build_model
 
         model = build_model(self.config.model)
-        model.load_state_dict(self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:  # missing keys or wrong shapes: weights and config disagree
+            first = str(exc).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[1:3]) or first[0][:300]
+            raise BundleError(
+                f"the bundle's weights do not fit its own [model] settings ({detail}); "
+                "the bundle is damaged or was edited: use the folder a medae run wrote"
+            ) from None
         return model.eval()
 
 
@@ -80,16 +88,31 @@ def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
 
 
 def load_bundle(path: str | Path) -> Bundle:
+    """Read a bundle; anything damaged or edited is a `BundleError` that says which file and what."""
     directory = resolve_bundle_dir(path)
     try:
         meta = json.loads((directory / META).read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{directory / META} is not valid JSON: {exc}") from None
-    if meta.get("format") != BUNDLE_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise BundleError(f"{directory} has bundle format {found!r}; this medae reads format {BUNDLE_FORMAT}")
+    if not isinstance(meta.get("config"), dict):
+        raise BundleError(f"{directory / META} has no [config]; the bundle is incomplete or was edited")
+    try:
+        config = RunConfig.from_dict(meta["config"])
+        threshold = Threshold(**meta["threshold"]) if meta.get("threshold") else None
+    except (TypeError, ConfigError) as exc:
+        raise BundleError(f"{directory / META} is not a valid bundle description: {exc}") from None
+    try:
+        state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file; torch's message would suggest weights_only=False
+        kind = type(exc).__name__
         raise BundleError(
-            f"{directory} has bundle format {meta.get('format')!r}; this medae reads format {BUNDLE_FORMAT}"
-        )
-    state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
-    threshold = Threshold(**meta["threshold"]) if meta.get("threshold") else None
-    return Bundle(RunConfig.from_dict(meta["config"]), state, threshold, meta.get("info", {}))
+            f"{directory / WEIGHTS} cannot be read as model weights ({kind}): the file is truncated, damaged or "
+            "not a medae bundle. Copy the bundle again from where it was written"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleError(f"{directory / WEIGHTS} does not hold a state dict of tensors")
+    return Bundle(config, state, threshold, meta.get("info", {}))
 

@@ -10,6 +10,7 @@ onto dotted keys (``"model.kind" = "vae"``) and back, losslessly.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -38,6 +39,11 @@ class ModelConfig:
     coarse_noise_res: int = 16  # DAE: resolution of the coarse noise field
     sparsity_weight: float = 1e-3  # SAE: L1 weight on the code
 
+    def __post_init__(self) -> None:
+        _positive(self, "model", "latent_dim", "in_channels", "groups", "coarse_noise_res")
+        _at_least(self, "model", 0.0, "beta", "noise_std", "coarse_noise_std", "sparsity_weight")
+
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -56,6 +62,15 @@ class DataConfig:
     # or a NIfTI volume's shape x dtype), in MiB, read from the header before decoding;
     # larger files are skipped with a reason. 1 GiB admits a 1000-slice 512 px CT in one file.
     max_image_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
+            raise ConfigError("data.percentile_low and data.percentile_high must satisfy 0 <= low < high <= 100; "
+                              f"got {self.percentile_low} and {self.percentile_high}")
+        _in_range(self, "data", "min_foreground", 0.0, 1.0)
+        _in_range(self, "data", "val_fraction", 0.0, 1.0, high_open=True)
+        _positive(self, "data", "max_image_mb")
+
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,14 @@ class TrainConfig:
     # Exponential moving average of the weights within a round (0 = off); free under DP
     ema_decay: float = 0.0
 
+    def __post_init__(self) -> None:
+        _positive(self, "train", "epochs", "batch_size", "lr", "slices_per_patient", "augment_multiplicity")
+        _at_least(self, "train", 0.0, "weight_decay", "num_threads")
+        _in_range(self, "train", "ema_decay", 0.0, 1.0, high_open=True)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.strip().lower()):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+
 
 @dataclass(frozen=True)
 class PrivacyConfig:
@@ -96,6 +119,13 @@ class PrivacyConfig:
     # ... or "bk" (medae_core.dp_clipping, book-keeping); "auto" picks "bk" for medae models
     ledger_path: str = ""  # empty: a per-site default under the user data dir
 
+    def __post_init__(self) -> None:
+        _positive(self, "privacy", "budget_epsilon", "max_grad_norm")
+        _in_range(self, "privacy", "delta", 0.0, 1.0, low_open=True, high_open=True)
+        if self.noise_multiplier is not None:
+            _positive(self, "privacy", "noise_multiplier")
+
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -106,6 +136,12 @@ class ScoringConfig:
     mask_foreground: bool = True
     top_percent: float = 1.0  # image score = mean of the top % of map pixels
     threshold_percentile: float = 95.0  # on healthy validation scores
+
+    def __post_init__(self) -> None:
+        _at_least(self, "scoring", 0.0, "median_filter")
+        _in_range(self, "scoring", "top_percent", 0.0, 100.0, low_open=True)
+        _in_range(self, "scoring", "threshold_percentile", 0.0, 100.0)
+
 
 
 @dataclass(frozen=True)
@@ -126,6 +162,13 @@ class FederationConfig:
     benchmark_patients: int = 165
     benchmark_test_patients: int = 15  # test patients (with lesions) per site; 0 = a third
     benchmark_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "federation", "rounds", "sites", "min_sites", "benchmark_patients", "server_lr")
+        _in_range(self, "federation", "fraction_train", 0.0, 1.0, low_open=True)
+        _in_range(self, "federation", "trim_beta", 0.0, 0.5, high_open=True)
+        _at_least(self, "federation", 0.0, "proximal_mu", "client_cpus", "client_gpus", "benchmark_test_patients")
+
 
 
 @dataclass(frozen=True)
@@ -197,6 +240,34 @@ class RunConfig:
                 continue
             nested.setdefault(section, {})[name] = _from_flat_value(hints[section][name], value)
         return cls.from_dict(nested)
+
+
+# -- value checks (each section's __post_init__) ----------------------------------
+def _number(obj: Any, section: str, name: str) -> float:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ConfigError(f"{section}.{name} must be a number; got {value!r}")
+    return value
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        if _number(obj, section, name) <= 0:
+            raise ConfigError(f"{section}.{name} must be greater than 0; got {getattr(obj, name)!r}")
+
+
+def _at_least(obj: Any, section: str, low: float, *names: str) -> None:
+    for name in names:
+        if _number(obj, section, name) < low:
+            raise ConfigError(f"{section}.{name} must be at least {low:g}; got {getattr(obj, name)!r}")
+
+
+def _in_range(obj: Any, section: str, name: str, low: float, high: float, *,
+              low_open: bool = False, high_open: bool = False) -> None:
+    value = _number(obj, section, name)
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{section}.{name} must be in {interval}; got {value!r}")
 
 
 def _to_plain(obj: Any) -> Any:

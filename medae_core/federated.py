@@ -190,6 +190,25 @@ def pool_evaluations(
     return pooled
 
 
+def run_failure(metrics: dict[str, Any]) -> str | None:
+    """Why a finished federated run produced no trained model; None when some site trained.
+
+    A run in which every round was refused or rejected exits non-zero with this
+    reason (`medae simulate`, `medae server`), instead of reporting the untrained
+    starting model as if it were a result.
+    """
+    rounds = metrics.get("rounds") or []
+    if not rounds:
+        return "no round was completed"
+    sites = [s for r in rounds for s in (r.get("sites") or {}).values()]
+    if any(s.get("status") == "ok" for s in sites):
+        return None
+    if not sites:
+        return "no site replied in any round"
+    reasons = list(dict.fromkeys(str(s.get("reason") or s.get("status")) for s in sites))
+    return "no site trained in any round: " + "; ".join(reasons[:5])
+
+
 # -- run state --------------------------------------------------------------
 @dataclass
 class RunState:

@@ -18,6 +18,7 @@ from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.data import scan_folder
 from medae_core.errors import DataError, NoUsableImagesError
+from medae_core.fileio import output_folder, printable_path, safe_file_name
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.report import write_json
 from medae_core.site import SiteTrainer, evaluate_test, load_site_data, scored_metrics
@@ -105,46 +106,60 @@ def intensity_baseline_metrics(test, cfg: RunConfig) -> dict:
 
 def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, heatmaps: bool = True,
                  progress=None) -> dict:
-    """Score every usable image under ``input_dir``; write scores.csv and heatmaps."""
+    """Score every usable image under ``input_dir``; write scores.csv, heatmaps and summary.json.
+
+    Written into a staging folder that replaces ``out`` only when everything is
+    written (`fileio.output_folder`): the outputs are complete or absent. Each
+    image has its own row and, with ``heatmaps``, its own file, named in the
+    row's ``heatmap`` column (`fileio.safe_file_name`: any input name, any length).
+    """
     from medae_core import figures
     from medae_core.training import resolve_device
 
-    input_dir, out = Path(input_dir), Path(out)
+    input_dir, out = Path(input_dir).absolute(), Path(out).absolute()
     ensure_outside(out, input_dir)
     bundle = load_bundle(model_path)
     cfg = bundle.config
     device = resolve_device(device or cfg.train.device)
-    labels_csv = input_dir / "labels.csv"
-    scan = scan_folder(input_dir, cfg.data, cfg.model.image_size,
-                       labels_csv=labels_csv if labels_csv.is_file() else None)
-    if len(scan.images) == 0:
-        raise NoUsableImagesError(f"no usable image under {input_dir} ({len(scan.skipped)} files skipped)")
-    model = bundle.build_model().to(device)
-    maps, scores = scoring.anomaly_maps(model, scan.images, cfg.scoring, device)
-    threshold = bundle.threshold.value if bundle.threshold else None
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "scores.csv").open("w", newline="") as fh:
+    with output_folder(out) as stage:  # refuses an unsuitable --out before the work
+        labels_csv = input_dir / "labels.csv"
+        scan = scan_folder(input_dir, cfg.data, cfg.model.image_size,
+                           labels_csv=labels_csv if labels_csv.is_file() else None)
+        if len(scan.images) == 0:
+            raise NoUsableImagesError(f"no usable image under {input_dir} ({len(scan.skipped)} files skipped)")
+        model = bundle.build_model().to(device)
+        maps, scores = scoring.anomaly_maps(model, scan.images, cfg.scoring, device)
+        threshold = bundle.threshold.value if bundle.threshold else None
+        names = [safe_file_name(e.path, e.frame, i + 1) + ".png" for i, e in enumerate(scan.entries)]
+        _write_scores(stage / "scores.csv", scan, scores, threshold, names if heatmaps else None)
+        if heatmaps:
+            for i, name in enumerate(names):
+                gt = scan.masks[i] if scan.has_mask is not None and scan.has_mask[i] else None
+                figures.save_overlay(stage / "heatmaps" / name, scan.images[i], maps[i], threshold=threshold,
+                                     title=f"score {scores[i]:.4g}", gt_mask=gt)
+                if progress:
+                    progress(i + 1, len(names))
+        summary = _score_summary(scan, maps, scores, threshold)
+        write_json(stage / "summary.json", summary)
+    return summary
+
+
+def _write_scores(path: Path, scan, scores: np.ndarray, threshold: float | None, heatmaps: list[str] | None) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "frame", "score", "anomalous"])
-        for entry, score in zip(scan.entries, scores, strict=True):
-            flag = "" if threshold is None else int(score > threshold)
-            writer.writerow([entry.path, "" if entry.frame is None else entry.frame, f"{score:.6g}", flag])
-    if heatmaps:
-        heat_dir = out / "heatmaps"
-        for i, entry in enumerate(scan.entries):
-            name = entry.path.replace("/", "__")
-            if entry.frame is not None:
-                name += f"__{entry.frame:04d}"
-            gt = scan.masks[i] if scan.has_mask is not None and scan.has_mask[i] else None
-            figures.save_overlay(heat_dir / f"{name}.png", scan.images[i], maps[i], threshold=threshold,
-                                 title=f"score {scores[i]:.4g}", gt_mask=gt)
-            if progress:
-                progress(i + 1, len(scan.entries))
+        writer.writerow(["path", "frame", "score", "anomalous", "heatmap"])
+        for i, (entry, score) in enumerate(zip(scan.entries, scores, strict=True)):
+            flag = "" if threshold is None else int(score >= threshold)
+            writer.writerow([printable_path(entry.path), "" if entry.frame is None else entry.frame,
+                             f"{score:.6g}", flag, f"heatmaps/{heatmaps[i]}" if heatmaps else ""])
+
+
+def _score_summary(scan, maps: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
     summary = {
         "images": len(scan.entries),
-        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+        "skipped": [{"path": printable_path(s.path), "reason": s.reason} for s in scan.skipped],
         "threshold": threshold,
-        "anomalous": None if threshold is None else int((scores > threshold).sum()),
+        "anomalous": None if threshold is None else int((scores >= threshold).sum()),
     }
     if scan.labels is not None and (scan.labels >= 0).any():
         known = scan.labels >= 0
@@ -152,6 +167,5 @@ def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, h
         has_mask = scan.has_mask[known] if scan.has_mask is not None else np.zeros(int(known.sum()), bool)
         summary["metrics"] = scored_metrics(scan.images[known], maps[known], scores[known], scan.labels[known],
                                             masks, has_mask, threshold)[0]
-    write_json(out / "summary.json", summary)
     return summary
 

@@ -187,7 +187,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
                   "noise / signal", "image AUROC", "intensity baseline AUROC", "pixel AUPRC", "best Dice"], site_rows)
         + "<p class=note>noise / signal: norm of the DP noise on a site's run-averaged update in units of the "
           "clipped signal (σ·√d / (B·√T)); above 1 only a small move from the starting point survives it.</p>"
-        + (("<h3>Refused rounds</h3>" + _table(["round", "site", "reason"], refusals)) if refusals else "")
+        + (("<h3>Refused rounds and rejected updates</h3>" + _table(["round", "site", "reason"], refusals)) if refusals else "")
     )
 
     results = "<h2>Test results</h2>" + _table(["scorer", *RESULT_KEYS], results_rows(metrics))

@@ -125,3 +125,82 @@ def test_score_refuses_to_write_into_the_data_folder(tiny_benchmark, tmp_path, c
     assert not (site / "out").exists()
     # refused for being inside the data folder, before the (missing) model is even looked at
     assert "inside the data folder" in capsys.readouterr().err
+
+
+# -- checks before work, and errors a person can read ----------------------------------
+def test_simulate_refuses_an_unknown_device_before_anything_starts(tmp_path, capsys):
+    assert main(["simulate", "--device", "tpu", "--out", str(tmp_path / "run")]) == 2
+    assert "train.device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_budget_is_refused_when_the_config_is_read(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("[privacy]\nbudget_epsilon = -1\n")
+    assert main(["simulate", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "privacy.budget_epsilon must be greater than 0" in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
+    for argv in (["simulate", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+                 ["train-local", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "does not exist" in err and "Traceback" not in err
+
+
+def test_a_site_folder_is_not_taken_for_a_federation_root(tiny_benchmark, tmp_path, capsys):
+    assert main(["simulate", "--data", str(tiny_benchmark / "site-1"), "--sites", "2",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "looks like one site's folder" in capsys.readouterr().err
+
+
+def test_hidden_folders_are_not_sites_for_simulate_nor_for_the_client_app(tiny_benchmark, tmp_path):
+    from medae_core.data import site_folders
+
+    root = tmp_path / "fed"
+    shutil.copytree(tiny_benchmark, root)
+    (root / ".ipynb_checkpoints").mkdir()
+    assert [p.name for p in site_folders(root)] == ["site-1", "site-2", "site-3"]
+
+
+def test_brackets_in_a_path_print_as_they_are(tmp_path, capsys):
+    odd = tmp_path / "scans" / "a[" / "b]"
+    assert main(["check-data", str(odd)]) == 2
+    assert str(odd) in capsys.readouterr().err.replace("\n", "")
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no config", "wrong shape"])
+def test_a_damaged_bundle_is_a_clear_error_without_torch_advice(tmp_path, capsys, damage, tiny_cfg):
+    from medae_core.bundle import Bundle, save_bundle
+    from medae_core.models import build_model
+
+    model = save_bundle(tmp_path / "model", Bundle(tiny_cfg, build_model(tiny_cfg.model).state_dict(), None))
+    if damage == "truncated weights":
+        data = (model / "weights.pt").read_bytes()
+        (model / "weights.pt").write_bytes(data[: len(data) // 2])
+    else:
+        meta = json.loads((model / "bundle.json").read_text())
+        if damage == "no config":
+            del meta["config"]
+        else:
+            meta["config"]["model"]["latent_dim"] = 48
+        (model / "bundle.json").write_text(json.dumps(meta))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), scans / "ct.dcm")
+    assert main(["score", "--model", str(model), "--input", str(scans), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "weights_only" not in err
+    assert str(model) in err.replace("\n", "") or "bundle" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_in_which_no_site_trained_is_a_failure_with_the_reason():
+    from medae_core.federated import run_failure
+
+    refused = {"status": "refused", "reason": "site site-1: refused: budget spent"}
+    assert run_failure({"rounds": [{"sites": {"site-1": refused}}] * 2}) == (
+        "no site trained in any round: site site-1: refused: budget spent")
+    assert run_failure({"rounds": []}) == "no round was completed"
+    assert run_failure({"rounds": [{"sites": {"site-1": refused, "site-2": {"status": "ok"}}}]}) is None

@@ -84,3 +84,105 @@ def test_a_dicom_over_the_limit_is_refused_before_its_pixels_are_read(tmp_path, 
     with pytest.raises(UnusableFile) as info:
         read_file(path, path.name, DataConfig(max_image_mb=0.01))
     assert info.value.reason.startswith("too large")
+
+
+# -- medae score: every image its own row and heatmap; outputs complete or absent --------------
+@pytest.fixture
+def bundle_dir(tmp_path, tiny_cfg):
+    from medae_core.bundle import Bundle, Threshold, save_bundle
+    from medae_core.models import build_model
+
+    bundle = Bundle(tiny_cfg, build_model(tiny_cfg.model, seed=0).state_dict(),
+                    Threshold(value=0.05, percentile=95.0, n_healthy=10, method="validation-percentile"))
+    return save_bundle(tmp_path / "model", bundle)
+
+
+def _png(path: Path, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48), dtype=np.uint8)).save(path)
+
+
+def _score(bundle_dir: Path, input_dir, out: Path) -> int:
+    from medae.cli import main
+
+    return main(["score", "--model", str(bundle_dir), "--input", str(input_dir), "--out", str(out)])
+
+
+def _rows(out: Path) -> list[dict]:
+    import csv
+
+    with (out / "scores.csv").open(encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_score_writes_a_row_and_a_heatmap_for_every_awkward_name(bundle_dir, tmp_path):
+    import os
+
+    data = tmp_path / "scans"
+    _png(data / "a" / "b.png", 1)
+    _png(data / "a__b.png", 2)  # used to share one heatmap with a/b.png
+    _png(Path(os.fsdecode(bytes(data / "x")) + os.fsdecode(b"\xff.png")), 3)  # not UTF-8
+    deep = data / ("d" * 60) / ("e" * 60)
+    _png(deep / (("f" * 156) + ".png"), 4)  # 282 characters relative to the input
+    assert max(len(str(p.relative_to(data))) for p in data.rglob("*.png")) >= 282
+    before = snapshot(data)
+    out = tmp_path / "out"
+    assert _score(bundle_dir, data, out) == 0
+    rows = _rows(out)
+    assert len(rows) == 4
+    assert {"a/b.png", "a__b.png", "x\\xff.png"} <= {r["path"] for r in rows}
+    heatmaps = [r["heatmap"] for r in rows]
+    assert len(set(heatmaps)) == 4 and all((out / h).is_file() for h in heatmaps)
+    assert all(len(Path(h).name) < 200 for h in heatmaps)
+    assert json.loads((out / "summary.json").read_text())["images"] == 4
+    assert snapshot(data) == before
+
+
+def test_score_with_a_relative_input_that_has_labels(bundle_dir, tmp_path, monkeypatch):
+    data = tmp_path / "scans"
+    _png(data / "sick.png", 1)
+    _png(data / "well.png", 2)
+    (data / "labels.csv").write_text("path,label\nsick.png,1\nwell.png,0\n")
+    monkeypatch.chdir(tmp_path)
+    assert _score(bundle_dir, "scans", Path("out")) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"] == 2 and "metrics" in summary
+
+
+def test_a_score_that_fails_midway_leaves_no_partial_output_and_keeps_the_last_one(bundle_dir, tmp_path,
+                                                                                    monkeypatch):
+    from medae_core import figures
+
+    data = tmp_path / "scans"
+    for i in range(3):
+        _png(data / f"{i}.png", i)
+    out = tmp_path / "out"
+    assert _score(bundle_dir, data, out) == 0
+    earlier = snapshot(out)
+    calls = []
+
+    def failing(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(path, *args, **kwargs)
+
+    real = figures.save_overlay
+    monkeypatch.setattr(figures, "save_overlay", failing)
+    assert _score(bundle_dir, data, out) != 0
+    assert snapshot(out) == earlier  # the earlier complete output, untouched
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    fresh = tmp_path / "fresh"
+    calls.clear()
+    assert _score(bundle_dir, data, fresh) != 0
+    assert not fresh.exists()
+
+
+def test_score_refuses_an_out_folder_holding_other_files(bundle_dir, tmp_path):
+    data = tmp_path / "scans"
+    _png(data / "0.png")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "thesis.docx").write_text("precious")
+    assert _score(bundle_dir, data, out) == 2
+    assert [p.name for p in out.iterdir()] == ["thesis.docx"]

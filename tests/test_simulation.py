@@ -84,3 +84,27 @@ def test_bundle_and_report_are_written_and_score_reads_the_bundle(simulated, tin
     assert main(["score", "--model", str(run), "--input", str(tiny_benchmark / "site-1" / "test"), "--out",
                  str(out), "--no-heatmaps"]) == 0
     assert (out / "scores.csv").read_text().startswith("path,frame,score,anomalous")
+
+
+def test_a_hostile_sites_updates_are_left_out_and_the_federation_trains_on(tiny_benchmark, tmp_path):
+    """The real ServerApp on Flower's simulation runtime, with site-3 poisoning its updates."""
+    from medae.simulate import run_simulation
+    from medae_core.config import RunConfig
+    from tests.conftest import TINY
+    from tests.hostile_site import app as hostile_app
+
+    cfg = RunConfig().with_overrides(TINY | {"federation.sites": 3, "federation.rounds": 3,
+                                             "federation.data_root": str(tiny_benchmark)})
+    run = run_simulation(cfg, tmp_path / "run", client_app=hostile_app)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rounds_done"] == 3
+    reasons = [r["sites"]["site-3"] for r in metrics["rounds"]]
+    assert [r["status"] for r in reasons] == ["rejected"] * 3
+    assert "NaN" in reasons[0]["reason"] and "shape" in reasons[1]["reason"] and "moves a weight" in (
+        reasons[2]["reason"])
+    assert all(r["sites"][s]["status"] == "ok" for r in metrics["rounds"] for s in ("site-1", "site-2"))
+    state = load_bundle(run / "model").state_dict
+    assert all(bool(v.isfinite().all()) for v in state.values())
+    losses = [r["train_loss"] for r in metrics["rounds"]]
+    assert all(loss is not None for loss in losses) and losses[-1] < losses[0]
+    assert "rejected" in (run / "report.html").read_text()

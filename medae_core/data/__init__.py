@@ -10,6 +10,7 @@ from medae_core.data.dataset import (
     load_site,
     read_labels,
     scan_folder,
+    site_folders,
     split_patients,
 )
 from medae_core.data.readers import Slice, UnusableFile, file_format, read_file, read_mask, to_square
@@ -29,6 +30,7 @@ __all__ = [
     "read_labels",
     "read_mask",
     "scan_folder",
+    "site_folders",
     "split_patients",
     "to_square",
 ]

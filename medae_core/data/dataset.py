@@ -381,6 +381,29 @@ def load_site(root: str | Path, data: DataConfig, image_size: int, progress: Pro
     return site
 
 
+def site_folders(root: str | Path) -> list[Path]:
+    """The site folders of a federation root (one subfolder per site), sorted by name.
+
+    The single rule for simulation and the ClientApp alike: node partition k is
+    folder k. Hidden folders (``.ipynb_checkpoints``) are not sites, and a root
+    that is itself one site's folder (it holds ``train/`` or ``test/``) is an
+    error rather than two sites called "train" and "test".
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"federation data folder {root} does not exist or is not a folder")
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    layout = [p.name for p in sites if p.name in ("train", "test")]
+    if layout:
+        raise DataError(
+            f"{root} looks like one site's folder (it holds {' and '.join(f'{n}/' for n in layout)}), not a "
+            "federation root; a federation root holds one folder per site, e.g. ROOT/site-a/train, ROOT/site-b/train"
+        )
+    if not sites:
+        raise DataError(f"{root} has no site subfolders; a federation root holds one folder per site")
+    return sites
+
+
 def _read_site(root: Path, data: DataConfig, image_size: int, progress: Progress | None) -> Site:
     """Both parts of a site, listed first so that progress counts over all files."""
     if not root.is_dir():
