@@ -411,12 +411,15 @@ class Coordinator:
             log.info("authorized site %s", site)
 
     def start_gateway(self) -> None:
-        from medae.gateway import Gateway, GatewayConfig
+        from medae.gateway import Gateway, GatewayConfig, body_limit
+        from medae_core.models import build_model
 
         scheme = "http" if self.opts.insecure else "https"
+        parameters = sum(t.numel() for t in build_model(self.cfg.model).state_dict().values())
         self.gateway = Gateway(GatewayConfig(
             host=self.opts.host, port=self.opts.port, upstream=f"{scheme}://{self.internal_address}",
             certfile=self.files.cert, keyfile=self.files.key, ca_certfile=self.files.ca,
+            max_body_bytes=body_limit(parameters),  # the largest message this run's model needs
         ))
         self.gateway.start()
         log.info("sites connect to %s:%d (%s)", self.opts.host, self.opts.port,
