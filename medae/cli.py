@@ -393,7 +393,8 @@ def cmd_client(args) -> int:
     cfg = load_config(args, {"privacy.budget_epsilon": args.budget, "train.device": args.device})
     opts = ClientOptions(server=args.server, data=args.data, ca=args.ca, key=args.key, site_name=args.site_name,
                          ledger=args.ledger, insecure=args.insecure, allow_no_dp=args.allow_no_dp,
-                         runtime_port=args.runtime_port, max_wait_s=args.max_wait, once=args.once)
+                         runtime_port=args.runtime_port, max_wait_s=args.max_wait, once=args.once,
+                         approved_fabs=args.approved_fabs)
 
     def on_start(site: str, ledger, report: dict) -> None:
         parts = report["parts"]
@@ -527,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a SuperNode gives up after this long without reaching the server (default: keeps trying)")
     p.add_argument("--once", action="store_true",
                    help="leave when the SuperNode stops (default: start it again, e.g. after a server restart)")
+    p.add_argument("--approved-fabs", type=Path, metavar="FILE",
+                   help="run only app packages whose SHA-256 is listed in FILE (default: any package that carries "
+                        "no code; code is always refused)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (closed test networks)")
     add_device_option(p)
     p.set_defaults(func=cmd_client)

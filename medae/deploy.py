@@ -25,7 +25,10 @@ The coordinator runs ``medae server``:
 Each hospital runs ``medae client``: check the data, open (or create) the
 site's privacy ledger, check that the server's certificate is signed by the
 federation CA, then run ``flower-supernode`` with the data and ledger paths
-in its node config. The SuperNode only opens outbound connections.
+in its node config. The SuperNode only opens outbound connections. It runs
+with process isolation, and ``medae client`` starts its SuperExec itself
+(`medae.site_guard`), so every app package the coordinator sends is checked
+before anything from it is installed or run: a site runs only its own medae.
 """
 
 from __future__ import annotations
@@ -513,6 +516,7 @@ class ClientOptions:
     runtime_port: int | None = None  # the SuperNode's local runtime API (loopback); default: a free port
     max_wait_s: float | None = None  # one SuperNode gives up after this long without the server
     once: bool = False  # stop when the SuperNode stops, instead of starting a new one
+    approved_fabs: Path | None = None  # a file of app package hashes this site approved (None: any code-free one)
 
 
 def site_name_of(opts: ClientOptions) -> str:
@@ -610,10 +614,12 @@ _REFUSED = ("Failed to activate SuperNode", "Invalid SuperNode authentication", 
 _TLS = ("CERTIFICATE_VERIFY_FAILED", "SSL/TLS handshake error")
 
 
-def supernode_argv(opts: ClientOptions, site: str, ledger: Path, flower_home: Path, cfg: RunConfig) -> list[str]:
+def supernode_argv(opts: ClientOptions, site: str, ledger: Path, flower_home: Path, cfg: RunConfig,
+                   runtime_port: int | None = None) -> list[str]:
+    """The SuperNode: process isolation, so that its ClientApps are the ones `superexec_argv` starts."""
     node = node_config(site, opts.data, ledger, opts.allow_no_dp, cfg.privacy.unit, cfg.train.device)
     argv = [flower_tool("flower-supernode"), "--superlink", opts.server, "--node-config", node,
-            "--isolation", "subprocess", "--port", str(opts.runtime_port or free_port())]
+            "--isolation", "process", "--port", str(runtime_port or opts.runtime_port or free_port())]
     if opts.insecure:
         argv.append("--insecure")
     else:
@@ -621,6 +627,16 @@ def supernode_argv(opts: ClientOptions, site: str, ledger: Path, flower_home: Pa
     if opts.max_wait_s:
         argv += ["--max-wait-time", str(opts.max_wait_s)]
     return argv
+
+
+def superexec_argv(runtime_port: int, supernode_pid: int) -> list[str]:
+    """medae's SuperExec for the SuperNode on ``runtime_port``: it checks every app package first (`medae.site_guard`).
+
+    The SuperNode's runtime API is on loopback; like Flower's own subprocess mode,
+    the SuperExec talks to it without TLS.
+    """
+    return [sys.executable, "-m", "medae.site_guard", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--insecure", "--parent-pid", str(supernode_pid)]
 
 
 def check_client_files(opts: ClientOptions) -> None:
@@ -673,10 +689,21 @@ def join(cfg: RunConfig, opts: ClientOptions, *, home: Path, echo=None, on_start
 
 
 def _run_supernode(opts, site, ledger, flower_home, home, echo, cfg) -> tuple[int, ManagedProcess]:
-    node = ManagedProcess("supernode", supernode_argv(opts, site, ledger, flower_home, cfg), flower_env(flower_home),
+    port = opts.runtime_port or free_port()
+    env = flower_env(flower_home)
+    if opts.approved_fabs:
+        from medae.site_guard import APPROVED_FABS_ENV
+
+        env[APPROVED_FABS_ENV] = str(Path(opts.approved_fabs).resolve())
+    node = ManagedProcess("supernode", supernode_argv(opts, site, ledger, flower_home, cfg, port), env,
                           home / "logs" / f"{site}-supernode.log", echo=echo)
+    superexec = None
     try:
+        superexec = ManagedProcess("superexec", superexec_argv(port, node.proc.pid), env,
+                                   home / "logs" / f"{site}-superexec.log", echo=echo)
         rc = node.wait()
-    finally:
-        node.stop()  # after Ctrl-C too: never leave a SuperNode (or its ClientApps) behind
+    finally:  # after Ctrl-C too: never leave a SuperNode, its SuperExec or their ClientApps behind
+        if superexec is not None:
+            superexec.stop()
+        node.stop()
     return rc, node
