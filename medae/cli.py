@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 # Sites are offline and medae never phones home: Flower's telemetry is read at
@@ -25,7 +26,7 @@ from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from medae.deploy import DEFAULT_PORT  # noqa: E402
-from medae_core.config import RunConfig  # noqa: E402
+from medae_core.config import ModelKind, RunConfig  # noqa: E402
 from medae_core.errors import MedaeError  # noqa: E402
 
 # No markup in what is printed: paths and reasons such as scans/a[/b] must print as they are;
@@ -66,11 +67,13 @@ def load_config(args, overrides: dict) -> RunConfig:
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="run configuration (TOML); see configs/")
+    p.add_argument("--config", type=Path,
+                   help="run configuration (TOML; configs/default.toml lists every key) (default: medae's defaults)")
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")
+    p.add_argument("--device", help='cpu, cuda or cuda:N (default: train.device = "auto": CUDA when present, '
+                                    "else CPU)")
 
 
 def print_json(data) -> None:
@@ -418,106 +421,149 @@ def cmd_client(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------
+# Options that override a config key: their help shows that key's default (RunConfig()).
+CONFIG_OPTIONS = {
+    "sites": "federation.sites", "rounds": "federation.rounds", "model": "model.kind",
+    "image_size": "model.image_size", "epochs": "train.epochs", "budget": "privacy.budget_epsilon",
+    "device": "train.device", "init": "train.init",
+}
+MODEL_KINDS = typing.get_args(ModelKind)
+IMAGE_SIZES = (64, 128, 256)
+
+
+def _config_default(key: str) -> str:
+    section, _, name = key.partition(".")
+    return f"{key} = {RunConfig().to_dict()[section][name]!r}"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default: the value, the config key it overrides, or "off"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or isinstance(action, argparse._HelpAction) or action.default is argparse.SUPPRESS:
+            return text
+        if action.required or not action.option_strings:
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default is None and action.dest in CONFIG_OPTIONS:
+            return f"{text} (default: {_config_default(CONFIG_OPTIONS[action.dest])}, or --config's)"
+        if action.default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+def _command(sub, name: str, help: str, example: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                       epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medae",
         description="Federated autoencoder / VAE anomaly detection for medical images, with differential privacy.",
+        epilog="example (the quick start):\n  medae simulate --out runs/simulate\n"
+               "`medae COMMAND --help` shows each command's options and defaults.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check-data", help="summarise usable images and skipped files in a folder")
-    p.add_argument("path", type=Path)
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p = _command(sub, "check-data", "summarise usable images and skipped files in a folder",
+                 "medae check-data /data/hospital-a", cmd_check_data)
+    p.add_argument("path", type=Path, help="a site folder (SITE/train, SITE/test) or any folder of images")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, with every skipped file")
     add_config_option(p)
-    p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("make-benchmark", help="write the built-in synthetic brain-MRI benchmark as DICOM")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--patients", type=int, default=24, help="patients per site")
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "make-benchmark", "write the built-in synthetic brain-MRI benchmark as DICOM",
+                 "medae make-benchmark --out data/bench --sites 3 --patients 165 --public 200", cmd_make_benchmark)
+    p.add_argument("--out", type=Path, required=True, help="folder to write (one subfolder per site)")
+    p.add_argument("--sites", type=int, default=3, help="number of sites")
+    p.add_argument("--patients", type=int, default=24, help="patients per site (healthy training + test)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the anatomy, scanners and lesions")
     p.add_argument("--test-patients", type=int, help="test patients per site (default: a third of --patients)")
     p.add_argument("--public", type=int, default=0, metavar="N",
                    help="also write DIR/public/: N healthy patients from scanners no site uses, for `medae pretrain`")
-    p.set_defaults(func=cmd_make_benchmark)
 
-    p = sub.add_parser("pretrain", help="train a model WITHOUT DP on public data, as the start of private runs")
+    p = _command(sub, "pretrain", "train a model WITHOUT DP on public data, as the start of private runs",
+                 "medae pretrain --data data/bench/public --out models/public-ae", cmd_pretrain)
     p.add_argument("--data", type=Path, required=True,
                    help="public images only (e.g. make-benchmark's DIR/public, IXI, OASIS): no site's patients")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
-    p.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
-    p.add_argument("--image-size", type=int, choices=(64, 128, 256))
+    p.add_argument("--model", choices=MODEL_KINDS, help="model kind")
+    p.add_argument("--epochs", type=int, default=30, help="epochs")
+    p.add_argument("--image-size", type=int, choices=IMAGE_SIZES, help="image size in pixels")
     p.add_argument("--description", help="what the data is, recorded in the bundle (default: from the folder)")
     add_config_option(p)
     add_device_option(p)
-    p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("train-local", help="train on one site (DP by default) and write a model bundle")
+    p = _command(sub, "train-local", "train on one site (DP by default) and write a model bundle",
+                 "medae train-local --data /data/hospital-a --out runs/hospital-a", cmd_train_local)
     p.add_argument("--data", type=Path, required=True, help="site folder (SITE/train, optional SITE/test)")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--image-size", type=int, choices=(64, 128, 256))
+    p.add_argument("--model", choices=MODEL_KINDS, help="model kind")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--image-size", type=int, choices=IMAGE_SIZES, help="image size in pixels")
     p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     p.add_argument("--budget", type=float, help="the site's total ε budget")
     p.add_argument("--ledger", type=Path, help="privacy ledger (default: per site under the user data folder)")
-    p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
-                   '(the public model shipped with medae; the default) or "none" (random)')
+    add_init_option(p)
     add_config_option(p)
     add_device_option(p)
-    p.set_defaults(func=cmd_train_local)
 
-    p = sub.add_parser("score", help="anomaly scores and heatmaps for every image in a folder")
+    p = _command(sub, "score", "anomaly scores and heatmaps for every image in a folder",
+                 "medae score --model runs/simulate --input /data/new-scans --out runs/scores", cmd_score)
     p.add_argument("--model", type=Path, required=True, help="run folder or model bundle")
-    p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
+    p.add_argument("--input", type=Path, required=True,
+                   help="folder of images to score (read only); a labels.csv there adds metrics")
+    p.add_argument("--out", type=Path, required=True, help="output folder, replaced only when complete")
+    p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv and summary.json only")
     add_device_option(p)
-    p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("simulate", help="simulate a whole federation on this machine (Flower + Ray)")
+    p = _command(sub, "simulate", "simulate a whole federation on this machine (Flower + Ray)",
+                 "medae simulate --sites 3 --rounds 5 --out runs/simulate --baselines", cmd_simulate)
     add_config_option(p)
     p.add_argument("--data", type=Path, help="federation root: one subfolder per site (default: built-in benchmark)")
-    p.add_argument("--sites", type=int)
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--out", type=Path, default=Path("runs/simulate"))
-    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
-    p.add_argument("--image-size", type=int, choices=(64, 128, 256))
-    p.add_argument("--no-dp", action="store_true")
-    p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
-                   '(the public model shipped with medae; the default) or "none" (random)')
+    p.add_argument("--sites", type=int, help="number of virtual sites")
+    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="run folder to write")
+    p.add_argument("--model", choices=MODEL_KINDS, help="model kind")
+    p.add_argument("--image-size", type=int, choices=IMAGE_SIZES, help="image size in pixels")
+    p.add_argument("--no-dp", action="store_true", help="train without differential privacy (a reference run)")
+    add_init_option(p)
     p.add_argument("--baselines", action="store_true",
                    help="also train centralized (DP and non-DP) and per-site models, and the intensity baseline")
     add_device_option(p)
-    p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("server", help="coordinator: run the federation's server (Flower SuperLink) and one run")
+    p = _command(sub, "server", "coordinator: run the federation's server (Flower SuperLink) and one run",
+                 "medae server --certs certs --authorized-keys authorized --out runs/federation", cmd_server)
     add_config_option(p)
     p.add_argument("--certs", type=Path, help="folder made by `medae certs` (ca.crt, server.crt, server.key)")
     p.add_argument("--authorized-keys", type=Path, metavar="DIR",
                    help="the sites' .pub files (made by `medae keys`); other keys are refused")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="public port sites connect to (default %(default)s)")
-    p.add_argument("--host", default="0.0.0.0", help="public address to listen on (default all interfaces)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="public port sites connect to")
+    p.add_argument("--host", default="0.0.0.0", help="public address to listen on (default: all interfaces)")
     p.add_argument("--internal-port", type=int,
-                   help="loopback port of the SuperLink and its Control API (default PORT+1; never expose it)")
-    p.add_argument("--rounds", type=int)
+                   help="loopback port of the SuperLink and its Control API (default: PORT+1; never expose it)")
+    p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--out", type=Path, default=Path("runs/server"),
-                   help="run folder (default runs/server); restarting with the same folder resumes")
-    p.add_argument("--model", choices=("ae", "vae", "dae", "sae"))
+                   help="run folder; restarting with the same folder resumes (default: %(default)s)")
+    p.add_argument("--model", choices=MODEL_KINDS, help="model kind")
     p.add_argument("--no-dp", action="store_true", help="ask sites to train without DP (each site may refuse)")
-    p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
-                   '(the public model shipped with medae; the default) or "none" (random)')
-
+    add_init_option(p)
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (closed test networks)")
-    p.set_defaults(func=cmd_server)
 
-    p = sub.add_parser("client", help="hospital: join a federation with this site's data (Flower SuperNode)")
+    p = _command(sub, "client", "hospital: join a federation with this site's data (Flower SuperNode)",
+                 "medae client --server fl.example.org:9092 --ca ca.crt --key keys/hospital-a.key "
+                 "--data /data/hospital-a", cmd_client)
     add_config_option(p)
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's address")
-    p.add_argument("--ca", type=Path, help="the federation's ca.crt (from the coordinator)")
-    p.add_argument("--key", type=Path, help="this site's private key (made by `medae keys`)")
+    p.add_argument("--ca", type=Path, help="the federation's ca.crt (from the coordinator); required unless --insecure")
+    p.add_argument("--key", type=Path, help="this site's private key (made by `medae keys`); required unless "
+                                            "--insecure")
     p.add_argument("--data", type=Path, required=True, help="site folder (SITE/train, optional SITE/test); read only")
     p.add_argument("--ledger", type=Path, help="privacy ledger (default: per site under the user data folder)")
     p.add_argument("--site-name", help="name shown to the coordinator (default: the key file's name)")
@@ -527,51 +573,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, metavar="SECONDS",
                    help="a SuperNode gives up after this long without reaching the server (default: keeps trying)")
     p.add_argument("--once", action="store_true",
-                   help="leave when the SuperNode stops (default: start it again, e.g. after a server restart)")
+                   help="leave when the SuperNode stops, instead of starting it again after a server restart")
     p.add_argument("--approved-fabs", type=Path, metavar="FILE",
                    help="run only app packages whose SHA-256 is listed in FILE (default: any package that carries "
                         "no code; code is always refused)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (closed test networks)")
     add_device_option(p)
-    p.set_defaults(func=cmd_client)
 
-    p = sub.add_parser("certs", help="a private CA and the server's TLS certificate (coordinator)")
-    p.add_argument("--out", type=Path, required=True)
+    p = _command(sub, "certs", "a private CA and the server's TLS certificate (coordinator)",
+                 "medae certs --out certs --server-name fl.example.org", cmd_certs)
+    p.add_argument("--out", type=Path, required=True, help="folder to write (nothing is overwritten)")
     p.add_argument("--server-name", action="append", default=[], metavar="HOST",
-                   help="DNS name or IP address sites connect to (repeatable)")
-    p.set_defaults(func=cmd_certs)
+                   help="DNS name or IP address sites connect to (repeatable; at least one)")
 
-    p = sub.add_parser("keys", help="a site's authentication key pair (at the site)")
-    p.add_argument("--out", type=Path, required=True)
+    p = _command(sub, "keys", "a site's authentication key pair (at the site)",
+                 "medae keys --out keys --site hospital-a", cmd_keys)
+    p.add_argument("--out", type=Path, required=True, help="folder to write (nothing is overwritten)")
     p.add_argument("--site", required=True, help="the site's name, e.g. hospital-a")
-    p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("privacy", help="privacy accounting")
+    p = sub.add_parser("privacy", help="privacy accounting", formatter_class=HelpFormatter,
+                       epilog="example:\n  medae privacy ledger ~/.local/share/medae/ledgers/hospital-a.jsonl")
     psub = p.add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
-    q = psub.add_parser("epsilon", help="ε of DP-SGD from the accounting code the sites use")
-    q.add_argument("--sample-rate", type=float, required=True)
-    q.add_argument("--noise-multiplier", type=float, required=True)
-    q.add_argument("--steps", type=int, required=True)
-    q.add_argument("--delta", type=float, required=True)
+    q = _command(psub, "epsilon", "ε of DP-SGD from the accounting code the sites use",
+                 "medae privacy epsilon --sample-rate 0.1 --noise-multiplier 1.2 --steps 500 --delta 1e-5",
+                 cmd_privacy_epsilon)
+    q.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q (batch / units)")
+    q.add_argument("--noise-multiplier", type=float, required=True, help="σ, noise std in units of the clipping norm")
+    q.add_argument("--steps", type=int, required=True, help="DP-SGD steps")
+    q.add_argument("--delta", type=float, required=True, help="δ")
     q.add_argument("--accountant", choices=("pld", "rdp", "prv"), default="pld",
-                   help="pld (default: dp-accounting, tightest), rdp or prv (Opacus)")
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_privacy_epsilon)
-    q = psub.add_parser("ledger", help="show a site's privacy ledger")
-    q.add_argument("path", type=Path)
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_privacy_ledger)
-    q = psub.add_parser("reset-ledger", help="administrators only: set a broken ledger aside")
-    q.add_argument("path", type=Path)
-    q.add_argument("--yes", action="store_true")
-    q.set_defaults(func=cmd_privacy_reset)
-    q = psub.add_parser("set-budget", help="administrators only: change a site's total ε budget (recorded)")
-    q.add_argument("path", type=Path)
-    q.add_argument("--epsilon", type=float, required=True)
-    q.add_argument("--reason", default="", help="why, kept in the ledger")
-    q.add_argument("--yes", action="store_true")
-    q.set_defaults(func=cmd_privacy_set_budget)
+                   help="pld (dp-accounting, tightest), rdp or prv (Opacus) (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    q = _command(psub, "ledger", "show a site's privacy ledger (reads only)",
+                 "medae privacy ledger ~/.local/share/medae/ledgers/hospital-a.jsonl", cmd_privacy_ledger)
+    q.add_argument("path", type=Path, help="the ledger file (.jsonl)")
+    q.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    q = _command(psub, "reset-ledger", "administrators only: set a broken ledger aside",
+                 "medae privacy reset-ledger ~/.local/share/medae/ledgers/hospital-a.jsonl --yes",
+                 cmd_privacy_reset)
+    q.add_argument("path", type=Path, help="the ledger file (.jsonl)")
+    q.add_argument("--yes", action="store_true", help="confirm: resetting forgets privacy already spent")
+    q = _command(psub, "set-budget", "administrators only: change a site's total ε budget (recorded)",
+                 "medae privacy set-budget LEDGER.jsonl --epsilon 10 --reason 'ethics board approval 2026-11' --yes",
+                 cmd_privacy_set_budget)
+    q.add_argument("path", type=Path, help="the ledger file (.jsonl)")
+    q.add_argument("--epsilon", type=float, required=True, help="the new total budget")
+    q.add_argument("--reason", default="", help="why, kept in the ledger (default: none)")
+    q.add_argument("--yes", action="store_true", help="confirm the change")
     return parser
+
+
+def add_init_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
+                   '(the public model shipped with medae) or "none" (random)')
 
 
 def configure_logging(verbose: bool) -> None:

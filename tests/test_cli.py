@@ -204,3 +204,43 @@ def test_a_run_in_which_no_site_trained_is_a_failure_with_the_reason():
         "no site trained in any round: site site-1: refused: budget spent")
     assert run_failure({"rounds": []}) == "no round was completed"
     assert run_failure({"rounds": [{"sites": {"site-1": refused, "site-2": {"status": "ok"}}}]}) is None
+
+
+def _commands(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_option_has_a_description_and_its_default_and_every_command_an_example():
+    from medae.cli import build_parser
+
+    commands = list(_commands(build_parser()))
+    assert len(commands) >= 14
+    for name, parser in commands:
+        if any(a.__class__.__name__ == "_SubParsersAction" for a in parser._actions):
+            continue  # "privacy" only groups its subcommands
+        assert "example:" in (parser.epilog or ""), name
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            text = formatter._get_help_string(action)
+            assert action.help, (name, action.dest)
+            assert "default" in text or "required" in text, (name, action.dest, text)
+
+
+def test_option_defaults_shown_are_the_configs_own(capsys):
+    from medae_core.config import RunConfig
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cfg = RunConfig()
+    assert f"federation.sites = {cfg.federation.sites}" in text
+    assert f"federation.rounds = {cfg.federation.rounds}" in text
+    assert "--image-size" in text
