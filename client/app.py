@@ -102,6 +102,9 @@ def check_site_policy(cfg: RunConfig, node: dict) -> None:
     unit of privacy is, are the site's decisions. (Budget, δ and accountant are
     pinned by the site's ledger.)
     """
+    if cfg.privacy.reproducible_noise:
+        raise SitePolicyError("the run asks for reproducible DP noise (privacy.reproducible_noise), which the "
+                              "coordinator could subtract; a deployed site never trains with it")
     if not cfg.privacy.enabled:
         if not node.get("allow-no-dp", False):
             raise SitePolicyError("this site trains only with differential privacy, and the run has it switched off")

@@ -181,6 +181,10 @@ def cmd_train_local(args) -> int:
     table.add_row("threshold", f"{summary['threshold']['value']:.4g} "
                                f"({summary['threshold']['percentile']:g}th percentile of healthy validation)")
     out.print(table)
+    if priv.get("reproducible_noise"):
+        from medae_core.config import NOT_PRIVATE_AGAINST_COORDINATOR
+
+        out.print(NOT_PRIVATE_AGAINST_COORDINATOR, style="bold red")
     if "test" in summary:
         out.print(results_table({"model": summary["test"], "intensity baseline": summary["baseline_intensity"]}))
     return 0

@@ -93,6 +93,9 @@ class TrainConfig:
     augment_multiplicity: int = 1
     # Exponential moving average of the weights within a round (0 = off); free under DP
     ema_decay: float = 0.0
+    # Random appearance per training image, as from another scanner: contrast (gamma),
+    # smooth bias field and noise. Off by default; the built-in public model uses it
+    augment_appearance: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "lr", "slices_per_patient", "augment_multiplicity")
@@ -101,6 +104,13 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.strip().lower()):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
+
+
+NOT_PRIVATE_AGAINST_COORDINATOR = (
+    "privacy.reproducible_noise is on: the DP noise is seeded from the run's settings, so whoever knows "
+    "them (the coordinator) can subtract it. This run is NOT private against the coordinator; use it "
+    "for research on public or synthetic data only"
+)
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,11 @@ class PrivacyConfig:
     grad_sample_mode: str = "auto"  # auto, hooks, functorch, ew, ghost
     # ... or "bk" (medae_core.dp_clipping, book-keeping); "auto" picks "bk" for medae models
     ledger_path: str = ""  # empty: a per-site default under the user data dir
+    # Research runs only: DP noise seeded from train.seed, the site and the round, so that a
+    # run repeats exactly. Whoever knows the seed (the coordinator) can subtract the noise:
+    # such a run is NOT private against the coordinator, says so everywhere, and deployed
+    # sites refuse it. Default: noise from the operating system's entropy.
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "privacy", "budget_epsilon", "max_grad_norm")

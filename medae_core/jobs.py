@@ -66,6 +66,7 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
             "sample_rate": result.sample_rate,
             "ledger": str(ledger.path) if ledger is not None else None,
             "noise_to_signal": result.noise_to_signal,
+            "reproducible_noise": cfg.privacy.reproducible_noise,
         },
         "trained_parameters": result.trained_parameters,
         "init": result.init,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medae_core.config import NOT_PRIVATE_AGAINST_COORDINATOR
 from medae_core.fileio import write_json
 
 PRIVACY_NOTE = (
@@ -114,6 +115,8 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     if model is not None and baseline is not None and model <= baseline:
         warnings.append(f"The model does not beat the plain intensity threshold (image AUROC {model:.3f} vs "
                         f"{baseline:.3f}): for these lesions, thresholding the image is as good.")
+    if ((metrics.get("config") or {}).get("privacy") or {}).get("reproducible_noise"):
+        warnings.append(NOT_PRIVATE_AGAINST_COORDINATOR + ".")
     return {"model": model, "baseline": baseline, "reference": reference,
             "epsilon": max(eps) if eps else None, "warnings": warnings}
 

@@ -16,6 +16,7 @@ Privacy flow of a round (see `SiteTrainer.train_round`):
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,12 @@ class EvalResult:
     test_histograms: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def reproducible_noise_seed(cfg: RunConfig, site: str, server_round: int) -> int:
+    """The DP noise seed of a research run (`PrivacyConfig.reproducible_noise`): train.seed, site, round."""
+    digest = hashlib.sha256(f"{cfg.train.seed}:{site}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
 class SiteTrainer:
     """Trains and evaluates the shared model on one site's data."""
 
@@ -206,6 +213,8 @@ class SiteTrainer:
             progress=progress,
             proximal_mu=proximal_mu,
             seed=cfg.train.seed + 1000 * server_round,
+            dp_seed=reproducible_noise_seed(cfg, self.data.name, server_round) if cfg.privacy.reproducible_noise
+            else None,
         )
         return RoundResult(
             state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -244,3 +244,23 @@ def test_option_defaults_shown_are_the_configs_own(capsys):
     assert f"federation.sites = {cfg.federation.sites}" in text
     assert f"federation.rounds = {cfg.federation.rounds}" in text
     assert "--image-size" in text
+
+
+@pytest.mark.slow
+def test_reproducible_noise_repeats_a_dp_run_exactly_and_says_it_is_not_private(tiny_benchmark, tmp_path, capsys):
+    from tests.conftest import TINY
+
+    def run(name: str, reproducible: bool) -> dict:
+        config = _write_config(tmp_path, TINY | {"privacy.reproducible_noise": reproducible})
+        assert main(["train-local", "--data", str(tiny_benchmark / "site-2"), "--out", str(tmp_path / name),
+                     "--config", str(config), "--ledger", str(tmp_path / f"{name}.jsonl")]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    first, second = run("a", True), run("b", True)
+    assert "NOT private against the coordinator" in capsys.readouterr().out
+    for key in ("loss", "val_loss", "threshold", "test"):
+        assert first[key] == second[key], key
+    assert first["privacy"]["epsilon"] == second["privacy"]["epsilon"] > 0
+    assert first["privacy"]["reproducible_noise"] is True
+    private = run("c", False)  # the default: fresh noise from the OS each time
+    assert private["loss"] != first["loss"]

@@ -161,6 +161,16 @@ def test_a_deployed_site_refuses_a_weaker_privacy_unit_than_its_own(tiny_benchma
     assert not (tmp_path / "ledger.jsonl").exists()  # refused before the ledger was opened
 
 
+def test_a_deployed_site_refuses_reproducible_noise(tiny_benchmark, tiny_cfg, tmp_path):
+    """Noise seeded from the run's settings could be subtracted by the coordinator: never at a real site."""
+    cfg = tiny_cfg.with_overrides({"privacy.reproducible_noise": True})
+    msg = _message(cfg, MessageType.TRAIN, {"server-round": 1, "run-id": "r", "rounds-left": 1})
+    refused = app(msg, _context(cfg, tiny_benchmark / "site-1", tmp_path / "ledger.jsonl"))
+    assert refused.has_error() and refused.error.code == SITE_POLICY
+    assert "reproducible DP noise" in refused.error.reason
+    assert not (tmp_path / "ledger.jsonl").exists()
+
+
 def test_the_sites_device_choice_overrides_the_runs(tiny_benchmark, tiny_cfg, tmp_path):
     """A run may ask for CUDA; a site without a GPU (`medae client --device cpu`) trains on its CPU."""
     cfg = tiny_cfg.with_overrides({"train.device": "cuda:3"})
