@@ -141,6 +141,14 @@ def dice_at_threshold_from_histograms(pos: np.ndarray, neg: np.ndarray, threshol
     return float(2 * tp / denom) if denom > 0 else None
 
 
+def rates_at_threshold(pos: np.ndarray, neg: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """Sensitivity and specificity of ``score >= threshold``; exact when it is a bin edge (pooled thresholds are)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    k = int(score_bin_index([threshold])[0])
+    return {"sensitivity": float(pos[k:].sum() / pos.sum()) if pos.sum() else None,
+            "specificity": float(neg[:k].sum() / neg.sum()) if neg.sum() else None}
+
+
 def pool_evaluations(
     site_evals: list[dict[str, Any]], percentile: float, threshold: float | None = None
 ) -> dict[str, Any]:
@@ -168,6 +176,8 @@ def pool_evaluations(
             "n_images": int(image_pos.sum() + image_neg.sum()),
             "n_anomalous": int(image_pos.sum()),
         }
+        if threshold is not None:
+            pooled["test"].update(rates_at_threshold(image_pos, image_neg, threshold))
         pixel_pos, pixel_neg = total("pixel_pos"), total("pixel_neg")
         if pixel_pos is not None and pixel_neg is not None:
             pooled["test"].update(

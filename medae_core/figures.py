@@ -132,25 +132,75 @@ def roc_pr_figure(curves: Mapping[str, tuple[Any, Any]], title: str | None = Non
     return _png(fig)
 
 
+MARKERS = "osD^vP*X"
+
+
 def line_figure(
     series: Mapping[str, Sequence[tuple[float, float]]],
     xlabel: str,
     ylabel: str,
     title: str | None = None,
     logy: bool = False,
+    integer_x: bool = False,
+    hlines: Mapping[str, float] | None = None,
 ) -> bytes:
-    """Line plot (e.g. loss per round, AUROC vs epsilon): one line per name of (x, y) points."""
+    """Line plot (e.g. loss per round, AUROC vs epsilon): one line per name of (x, y) points.
+
+    Each series has its own marker and a small x offset, so that series with
+    equal values (three sites spending the same ε) stay visible. ``integer_x``:
+    ticks on whole numbers only (rounds). ``hlines``: labelled horizontal
+    reference lines (a budget, chance, a baseline).
+    """
+    from matplotlib.ticker import MaxNLocator
+
     fig = _new_figure(5.0, 3.4)
     ax = fig.add_subplot(1, 1, 1)
-    for name, pts in series.items():
+    drawn = [(name, pts) for name, pts in series.items() if any(y is not None for _, y in pts)]
+    spread = 0.08 if integer_x and len(drawn) > 1 else 0.0
+    for k, (name, pts) in enumerate(drawn):
         pts = [(float(x), float(y)) for x, y in pts if y is not None]
-        if not pts:
-            continue
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=str(name))
+        shift = spread * (k - (len(drawn) - 1) / 2)
+        ax.plot([x + shift for x in xs], ys, marker=MARKERS[k % len(MARKERS)], ms=4, lw=1.2, label=str(name))
+    for k, (name, level) in enumerate((hlines or {}).items()):
+        ax.axhline(level, ls="--", lw=1.0, color=("0.3", "tab:red", "0.6")[k % 3], label=str(name))
     ax.set(xlabel=xlabel, ylabel=ylabel)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logy:
         ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def score_histogram_figure(
+    edges: Sequence[float], healthy: Sequence[int], anomalous: Sequence[int], threshold: float | None = None,
+    title: str | None = None,
+) -> bytes:
+    """Counts of healthy and anomalous image scores over the shared score bins (log x axis), with the threshold."""
+    edges = np.array(edges, dtype=np.float64)
+    edges[0] = edges[1] / 10 if not np.isfinite(edges[0]) else edges[0]  # open-ended outer bins
+    edges[-1] = edges[-2] * 10 if not np.isfinite(edges[-1]) else edges[-1]
+    healthy, anomalous = np.asarray(healthy, np.float64), np.asarray(anomalous, np.float64)
+    used = np.flatnonzero((healthy + anomalous) > 0)
+    fig = _new_figure(5.0, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    if used.size:
+        lo, hi = max(used[0] - 2, 0), min(used[-1] + 3, len(healthy))
+        centers = np.sqrt(np.clip(edges[lo:hi], 1e-12, None) * np.clip(edges[lo + 1:hi + 1], 1e-12, None))
+        widths = edges[lo + 1:hi + 1] - edges[lo:hi]
+        ax.bar(centers, healthy[lo:hi], width=widths, alpha=0.6, label=f"healthy ({int(healthy.sum())})",
+               color="tab:blue")
+        ax.bar(centers, anomalous[lo:hi], width=widths, alpha=0.6, label=f"anomalous ({int(anomalous.sum())})",
+               color="tab:red")
+        ax.set_xscale("log")
+    if threshold is not None:
+        ax.axvline(threshold, color="0.2", ls="--", lw=1.0, label=f"threshold {threshold:.3g}")
+    ax.set(xlabel="image score", ylabel="test images")
     if title:
         ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:

@@ -25,6 +25,11 @@ PRIVACY_NOTE = (
 )
 
 
+def format_delta(delta: float) -> str:
+    """δ as people write it: 1e-05, never 0.000."""
+    return f"{delta:.0e}" if 0 < delta < 1e-3 else f"{delta:g}"
+
+
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
     return write_json(Path(run_dir) / "metrics.json", metrics)
 
@@ -48,7 +53,15 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="{figures.to_data_uri(png)}">'
 
 
-RESULT_KEYS = ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
+RESULT_KEYS = ("image_auroc", "image_auprc", "sensitivity", "specificity", "pixel_auroc", "pixel_auprc",
+               "dice_best", "dice_at_threshold")
+# How each metric is named in every table and plot of a report.
+LABELS = {
+    "image_auroc": "image AUROC", "image_auprc": "image AUPRC", "sensitivity": "sensitivity at threshold",
+    "specificity": "specificity at threshold", "pixel_auroc": "pixel AUROC", "pixel_auprc": "pixel AUPRC",
+    "dice_best": "best Dice", "dice_at_threshold": "Dice at threshold", "baseline_image_auroc":
+    "intensity baseline image AUROC",
+}
 
 
 def results_rows(metrics: dict[str, Any]) -> list[list[Any]]:
@@ -79,7 +92,11 @@ def reference_figures(bundle, reference) -> list[str]:
     images, masks = reference
     model = bundle.build_model()
     recons, maps, scores = scoring.reconstruct_and_score(model, images, bundle.config.scoring, "cpu", 32)
-    titles = [f"score {s:.3g}" for s in scores]
+    threshold = bundle.threshold.value if bundle.threshold is not None else None
+    truth = ["lesion" if m is not None and m.any() else "healthy" for m in (masks if masks is not None
+                                                                            else [None] * len(images))]
+    decision = ["" if threshold is None else ("\n→ anomalous" if s >= threshold else "\n→ normal") for s in scores]
+    titles = [f"{t}\nscore {s:.3g}{d}" for t, s, d in zip(truth, scores, decision)]
     rows = [("input", list(images)), ("reconstruction", list(recons)),
             ("anomaly map", list(maps), "inferno")]
     if masks is not None:
@@ -132,7 +149,7 @@ def _summary_html(metrics: dict[str, Any], cfg) -> str:
              f"config {html.escape(str(init.get('config_hash', '?')))})" if init
              else "Started from a random initialisation (no public pretraining)")
     ref = num(v["reference"]) if v["reference"] is not None else "not computed (run with --baselines)"
-    cost = (f"ε = {v['epsilon']:.2f} of {cfg.privacy.budget_epsilon:g} per site (δ = {cfg.privacy.delta:.0e}, "
+    cost = (f"ε = {v['epsilon']:.2f} of {cfg.privacy.budget_epsilon:g} per site (δ = {format_delta(cfg.privacy.delta)}, "
             f"per {cfg.privacy.unit})" if cfg.privacy.enabled and v["epsilon"] is not None
             else "no differential privacy" if not cfg.privacy.enabled else "–")
     rows = [["this model (pooled over sites)", num(v["model"])],
@@ -164,14 +181,24 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
         for site, s in r.get("sites", {}).items():
             if s.get("status") == "ok":
                 eps.setdefault(site, []).append((r["round"], s["epsilon"]))
+    auroc = {
+        "this model": [(r["round"], (r.get("test") or {}).get("image_auroc")) for r in rounds],
+        "intensity baseline": [(r["round"], (r.get("baseline") or {}).get("image_auroc")) for r in rounds],
+    }
     plots = []
     if any(loss.values()):
-        plots.append(_img(figures.line_figure(loss, "round", "loss", "Loss per round"), "loss per round"))
+        plots.append(_img(figures.line_figure(loss, "round", "loss", "Loss per round", integer_x=True),
+                          "loss per round"))
+    if any(y is not None for _, y in auroc["this model"]):
+        plots.append(_img(figures.line_figure(auroc, "round", "image AUROC", "Image AUROC per round (pooled)",
+                                              integer_x=True, hlines={"chance": 0.5}), "AUROC per round"))
     if eps and cfg.privacy.enabled:
-        plots.append(_img(figures.line_figure(eps, "round", "ε spent", "Privacy spent per site"), "epsilon"))
+        plots.append(_img(figures.line_figure(eps, "round", "ε spent", "Privacy spent per site", integer_x=True,
+                                              hlines={f"budget ε = {cfg.privacy.budget_epsilon:g}":
+                                                      cfg.privacy.budget_epsilon}), "epsilon per site"))
     sections.append("<h2>Training</h2>" + "".join(plots))
 
-    site_rows = []
+    site_rows, metric_rows = [], []
     last_sites = {}
     for r in rounds:
         last_sites.update({n: v for n, v in r.get("sites", {}).items() if v.get("status") == "ok"})
@@ -179,28 +206,37 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
         t = s.get("test") or {}
         trained = last_sites.get(s["site"], {})
         site_rows.append([s["site"], s["num_examples"], s["epsilon"] if cfg.privacy.enabled else None,
-                          f"{s['delta']:.0e}", s["budget_epsilon"], s["privacy_unit"], trained.get("trained_parameters"),
-                          trained.get("noise_to_signal"), t.get("image_auroc"), t.get("baseline_image_auroc"),
-                          t.get("pixel_auprc"), t.get("dice_best")])
+                          format_delta(s["delta"]), s["budget_epsilon"], s["privacy_unit"],
+                          trained.get("trained_parameters"), trained.get("noise_to_signal")])
+        metric_rows.append([s["site"], t.get("image_auroc"), t.get("baseline_image_auroc"),
+                            *(t.get(k) for k in RESULT_KEYS[1:])])
     refusals = [[r["round"], site, s.get("reason")] for r in rounds for site, s in r.get("sites", {}).items()
                 if s.get("status") != "ok"]
     sections.append(
         "<h2>Sites</h2>"
         + _table(["site", "images / round", "ε", "δ", "ε budget", "privacy unit", "trained parameters",
-                  "noise / signal", "image AUROC", "intensity baseline AUROC", "pixel AUPRC", "best Dice"], site_rows)
+                  "noise / signal"], site_rows)
+        + _table(["site (own test images)", LABELS["image_auroc"], LABELS["baseline_image_auroc"],
+                  *(LABELS[k] for k in RESULT_KEYS[1:])], metric_rows)
         + "<p class=note>noise / signal: norm of the DP noise on a site's run-averaged update in units of the "
           "clipped signal (σ·√d / (B·√T)); above 1 only a small move from the starting point survives it.</p>"
         + (("<h3>Refused rounds and rejected updates</h3>" + _table(["round", "site", "reason"], refusals)) if refusals else "")
     )
 
-    results = "<h2>Test results</h2>" + _table(["scorer", *RESULT_KEYS], results_rows(metrics))
-    curves = (rounds[-1] if rounds else {}).get("curves")
+    results = "<h2>Test results</h2>" + _table(["scorer", *(LABELS[k] for k in RESULT_KEYS)], results_rows(metrics))
+    last = rounds[-1] if rounds else {}
+    curves = (last.get("final") or {}).get("curves") or last.get("curves")
     if curves:
-        plotted = {"federated": _hist_to_scores(curves["image_pos"], curves["image_neg"])}
+        from medae_core.scoring import SCORE_BINS
+
+        plotted = {"this model": _hist_to_scores(curves["image_pos"], curves["image_neg"])}
         if curves.get("baseline_pos") is not None:
             plotted["intensity threshold"] = _hist_to_scores(curves["baseline_pos"], curves["baseline_neg"])
         results += _img(figures.roc_pr_figure(
             plotted, title="Image-level ROC and precision-recall (pooled over sites)"), "ROC and PR curves")
+        results += _img(figures.score_histogram_figure(
+            SCORE_BINS, curves["image_neg"], curves["image_pos"], metrics.get("threshold"),
+            title="Image scores of healthy and anomalous test images (pooled)"), "score histograms")
     sections.append(results)
     if reference is not None:
         sections.append("<h2>Reconstructions and anomaly maps (synthetic reference slices)</h2>"

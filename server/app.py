@@ -31,7 +31,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
 from medae_core.config import RunConfig
-from medae_core.federated import SITE_REGISTRY_KEY, RunState, check_update, pool_evaluations, read_site_registry
+from medae_core.federated import (
+    SITE_REGISTRY_KEY,
+    RunState,
+    check_update,
+    pool_evaluations,
+    rates_at_threshold,
+    read_site_registry,
+)
 from medae_core.models import build_model
 from medae_core.pretrain import initial_weights
 from medae_core.report import reference_images, write_metrics, write_report
@@ -119,7 +126,7 @@ class FederatedRun:
         config = ConfigRecord({} if threshold is None else {"threshold": float(threshold)})
         messages = self.strategy.configure_evaluate(rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
-        sites, _ = self.site_records(replies, train=False)
+        sites, _ = self.site_records(replies, train=False, threshold=threshold)
         ok = [s for s in sites.values() if s["status"] == "ok"]
         pooled = pool_evaluations(
             [s.pop("histograms") for s in ok], self.cfg.scoring.threshold_percentile, threshold
@@ -130,7 +137,8 @@ class FederatedRun:
         return record
 
     def site_records(
-        self, replies: list[Message], train: bool, global_arrays: ArrayRecord | None = None
+        self, replies: list[Message], train: bool, global_arrays: ArrayRecord | None = None,
+        threshold: float | None = None,
     ) -> tuple[dict[str, dict], list[Message]]:
         """Per-site view of the replies, and the replies whose content may be used.
 
@@ -153,7 +161,8 @@ class FederatedRun:
                 name = self.name_of(node, str(reply.content["site"]["site"]))
                 if name in records:
                     raise RejectedReply(name, "a second reply from this site in one round")
-                record = self.train_record(name, reply, global_state) if train else self.eval_record(name, reply)
+                record = (self.train_record(name, reply, global_state) if train
+                          else self.eval_record(name, reply, threshold))
             except RejectedReply as exc:
                 key = exc.site if exc.site not in records else f"{exc.site} (node {node})"  # keep the first
                 records[key] = {"status": "rejected", "reason": f"site {exc.site}: update rejected: {exc}"}
@@ -223,7 +232,7 @@ class FederatedRun:
         }
         return record
 
-    def eval_record(self, name: str, reply: Message) -> dict:
+    def eval_record(self, name: str, reply: Message, threshold: float | None = None) -> dict:
         m = dict(reply.content["metrics"])
         hist = {k.removesuffix("-hist").replace("-", "_"): v for k, v in m.items() if k.endswith("-hist")}
         hist["healthy_hist"] = hist.pop("healthy")
@@ -232,6 +241,8 @@ class FederatedRun:
             if values.shape != (N_SCORE_BINS,) or not np.all(np.isfinite(values)) or np.any(values < 0):
                 raise RejectedReply(name, f"its {key} is not {N_SCORE_BINS} non-negative counts")
         test = {k.replace("-", "_"): v for k, v in m.items() if not k.endswith("-hist")}
+        if threshold is not None and "image_pos" in hist and "image_neg" in hist:
+            test.update(rates_at_threshold(hist["image_pos"], hist["image_neg"], threshold))
         record = {
             "status": "ok",
             "val_loss": float(test.pop("val_loss")),

@@ -60,3 +60,54 @@ def test_a_site_in_the_noise_dominated_regime_is_warned(tiny_benchmark, tiny_cfg
         result = SiteTrainer(data, cfg, ledger).train_round(None, run_id="r", server_round=1)
     assert result.noise_to_signal > NOISE_TO_SIGNAL_WARNING
     assert "DP noise is" in caplog.text and "from a random start" in caplog.text
+
+
+def _run_metrics(model_auroc_bins: int, cfg) -> dict:
+    """A two-round federated run's metrics.json as the ServerApp writes it (histograms over the shared bins)."""
+    import numpy as np
+
+    from medae_core.federated import pool_evaluations
+    from medae_core.scoring import N_SCORE_BINS, score_bin_index
+
+    def hist(scores):
+        counts = np.zeros(N_SCORE_BINS, int)
+        np.add.at(counts, score_bin_index(scores), 1)
+        return counts.tolist()
+
+    rng = np.random.default_rng(0)
+    healthy, sick = rng.normal(0.02, 0.004, 40), rng.normal(0.02 + 0.001 * model_auroc_bins, 0.004, 20)
+    pooled = pool_evaluations([{"healthy_hist": hist(healthy), "image_pos": hist(sick), "image_neg": hist(healthy),
+                                "baseline_image_pos": hist(sick * 0.9), "baseline_image_neg": hist(healthy)}],
+                              95.0, threshold=0.025)
+    sites = {"site-1": {"status": "ok", "epsilon": 4.0, "trained_parameters": 1000, "noise_to_signal": 0.5},
+             "site-2": {"status": "refused", "reason": "site site-2: refused: budget spent"}}
+    rounds = [{"round": r, "train_loss": 0.1 / r, "val_loss": 0.12 / r, "sites": sites, **pooled}
+              for r in (1, 2)]
+    return {"run_id": "abc", "rounds_done": 2, "rounds": rounds, "threshold": pooled["threshold"],
+            "test": pooled["test"], "intensity_baseline": pooled["baseline"], "init": None,
+            "sites": [{"site": "site-1", "epsilon": 4.0, "delta": 1e-5, "budget_epsilon": 8.0,
+                       "privacy_unit": "patient", "num_examples": 100, "test": pooled["test"]}],
+            "config": cfg.to_dict()}
+
+
+def test_the_report_has_the_baseline_banners_delta_and_every_figure(tmp_path, tiny_cfg):
+    from medae_core.bundle import Bundle, Threshold
+    from medae_core.models import build_model
+    from medae_core.report import LABELS, reference_images, write_report
+
+    bundle = Bundle(tiny_cfg, build_model(tiny_cfg.model, seed=0).state_dict(),
+                    Threshold(value=0.025, percentile=95.0, n_healthy=40, method="federated-histogram"))
+    good = _run_metrics(12, tiny_cfg)
+    page = write_report(tmp_path, good, bundle, reference=reference_images(tiny_cfg)).read_text()
+    for alt in ("loss per round", "AUROC per round", "epsilon per site", "ROC and PR curves", "score histograms",
+                "reconstructions and anomaly maps"):
+        assert f'alt="{alt}"' in page, alt
+    assert "intensity-threshold baseline" in page and "1e-05" in page and "0.000" not in page.split("δ")[1][:20]
+    assert "The model learned" in page and "class=alert" not in page
+    for key, label in LABELS.items():
+        assert f">{key}<" not in page  # one name per metric: the label, never the raw key
+    assert LABELS["sensitivity"] in page and "Refused rounds and rejected updates" in page
+    assert "lesion" in page or "healthy" in page
+    chance = _run_metrics(-1, tiny_cfg)  # anomalous images score a little lower: worse than a coin toss
+    page = write_report(tmp_path, chance, bundle).read_text()
+    assert "near chance" in page and "class=alert" in page
