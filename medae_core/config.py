@@ -93,9 +93,6 @@ class TrainConfig:
     augment_multiplicity: int = 1
     # Exponential moving average of the weights within a round (0 = off); free under DP
     ema_decay: float = 0.0
-    # Random appearance per training image, as from another scanner: contrast (gamma),
-    # smooth bias field and noise. Off by default; the built-in public model uses it
-    augment_appearance: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "lr", "slices_per_patient", "augment_multiplicity")

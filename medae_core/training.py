@@ -626,8 +626,6 @@ def train(
                 else:
                     x = dataset.batch(units, step)  # [len(units) * k, C, S, S]
                     x = augment_views(x, multiplicity, aug_gen)  # [len(units) * k * m, C, S, S]
-                    if cfg.train.augment_appearance:
-                        x = augment_appearance(x, aug_gen)
                     x_in = model.corrupt(x, model_gen)
                     losses = stepper.compute_gradient(x_in, x, model_gen)
                     epoch_loss_sums[epoch] += float(losses.sum())
@@ -720,35 +718,6 @@ def augment_views(x: Tensor, multiplicity: int, gen: torch.Generator) -> Tensor:
     # [n, ...] x m -> row-major [n * m, ...]: the m views of row i are adjacent, so a
     # unit's k rows stay contiguous as k * m rows.
     return torch.stack(views, dim=1).reshape(n * multiplicity, *x.shape[1:])
-
-
-# Appearance augmentation ranges: contrast gamma (log-uniform), bias-field strength and noise std.
-APPEARANCE_GAMMA = (0.5, 2.0)
-APPEARANCE_BIAS = 0.4
-APPEARANCE_NOISE = 0.05
-BIAS_FIELD_RES = 4  # the bias field is smooth: bilinear from a 4 x 4 grid
-
-
-def augment_appearance(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Each image as another scanner might show it (torch ops; the target is the same augmented image).
-
-    Per image: intensities raised to a gamma in `APPEARANCE_GAMMA`, multiplied by
-    a smooth bias field ``exp(b * f)`` (``f`` a unit-variance field bilinear from
-    a 4 x 4 grid, ``b`` up to `APPEARANCE_BIAS`), plus Gaussian noise of std up to
-    `APPEARANCE_NOISE`; clipped to [0, 1]. A model trained on a public set this
-    way reconstructs contrasts the public scanners never had (the sites' own),
-    which is what it meets when a federation starts from it.
-    """
-    n, c, h, w = x.shape
-    low, high = math.log(APPEARANCE_GAMMA[0]), math.log(APPEARANCE_GAMMA[1])
-    gamma = torch.exp(low + (high - low) * torch.rand(n, 1, 1, 1, generator=gen)).to(x)
-    field = torch.randn(n, 1, BIAS_FIELD_RES, BIAS_FIELD_RES, generator=gen).to(x)
-    field = torch.nn.functional.interpolate(field, size=(h, w), mode="bilinear", align_corners=True)
-    strength = (APPEARANCE_BIAS * torch.rand(n, 1, 1, 1, generator=gen)).to(x)
-    noise = (APPEARANCE_NOISE * torch.rand(n, 1, 1, 1, generator=gen)).to(x)
-    out = x.clamp(0, 1).pow(gamma) * torch.exp(strength * field)
-    out = out + noise * torch.randn(x.shape, generator=gen).to(x)
-    return out.clamp(0, 1)
 
 
 def _batches(plan: TrainingPlan, dp: bool, gen: torch.Generator) -> Iterator[Tensor]:
