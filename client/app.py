@@ -21,6 +21,7 @@ Where the site's data and ledger are:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from flwr.clientapp import ClientApp
 from medae_core.config import RunConfig
 from medae_core.data import site_folders
 from medae_core.errors import BudgetExceededError, DataError, LedgerError, PrivacyError, SitePolicyError
+from medae_core.federated import write_site_progress
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.scoring import score_histogram
 from medae_core.site import SiteTrainer, load_site_data
@@ -71,6 +73,7 @@ EVAL_METRICS = (
     "baseline-image-auroc",
 )
 SITE_FIELDS = ("site", "privacy-unit")
+PROGRESS_INTERVAL_S = 0.5
 
 # Error codes of medae refusals (Flower's own codes are below 100).
 BUDGET_EXCEEDED, NO_USABLE_DATA, LEDGER_PROBLEM, SITE_POLICY, SITE_FAILURE = 100, 101, 102, 103, 199
@@ -152,6 +155,7 @@ def _train(msg: Message, context: Context) -> Message:
         server_round=server_round,
         rounds_left=int(config.get("rounds-left", 1)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        progress=_simulation_progress(context, name, server_round),
     )
     metrics = {
         "num-examples": result.num_examples,
@@ -189,6 +193,25 @@ def _evaluate(msg: Message, context: Context) -> Message:
         if value is not None and np.isfinite(value):
             metrics[key.replace("_", "-")] = float(value)
     return _reply(msg, name, cfg, metrics, EVAL_METRICS)
+
+
+def _simulation_progress(context: Context, site: str, server_round: int):
+    """In simulation, steps within the round go to RUN/progress/ for `medae simulate`'s display.
+
+    A deployed site writes nothing of the kind: the run folder is the coordinator's.
+    """
+    if "partition-id" not in context.node_config or "run-dir" not in context.run_config:
+        return None
+    run_dir = Path(str(context.run_config["run-dir"]))
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= PROGRESS_INTERVAL_S:
+            last[0] = now
+            write_site_progress(run_dir, site, server_round, done, total)
+
+    return progress
 
 
 # -- replies --------------------------------------------------------------------

@@ -31,8 +31,9 @@ from medae_core.errors import MedaeError  # noqa: E402
 
 # No markup in what is printed: paths and reasons such as scans/a[/b] must print as they are;
 # styles are set with style= or Text.
-console = Console(stderr=True, markup=False)
-out = Console(markup=False)
+console = Console(stderr=True, markup=False, width=None if sys.stderr.isatty() else 160)
+# Not a terminal (a log file, a pipe): no 80-column limit that would cut the results table.
+out = Console(markup=False, width=None if sys.stdout.isatty() else 160)
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -191,13 +192,14 @@ def cmd_train_local(args) -> int:
 
 
 def results_table(rows: dict[str, dict]) -> Table:
-    keys = ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
+    from medae_core.report import LABELS, RESULT_KEYS
+
     table = Table(title="test set")
     table.add_column("scorer")
-    for k in keys:
-        table.add_column(k.replace("_", " "))
+    for k in RESULT_KEYS:
+        table.add_column(LABELS[k].replace(" at threshold", "\nat threshold"))
     for name, values in rows.items():
-        table.add_row(name, *(_fmt((values or {}).get(k)) for k in keys))
+        table.add_row(name, *(_fmt((values or {}).get(k)) for k in RESULT_KEYS))
     return table
 
 
@@ -237,7 +239,9 @@ def cmd_simulate(args) -> int:
         "train.init": args.init,
         "privacy.enabled": False if args.no_dp else None,
     })
-    metrics = prepare_and_run(cfg, args.out, baselines=args.baselines)
+    quiet_flower(args.verbose)
+    with follow_simulation(Path(args.out), cfg):
+        metrics = prepare_and_run(cfg, args.out, baselines=args.baselines)
     rows = {"federated": metrics.get("test")}
     if metrics.get("intensity_baseline") and not metrics.get("baselines"):
         rows["intensity threshold"] = metrics["intensity_baseline"]
@@ -249,6 +253,83 @@ def cmd_simulate(args) -> int:
         out.print(warning, style="bold red")
     out.print(f"report: {Path(args.out) / 'report.html'}; model: {Path(args.out) / 'model'}")
     return _exit_if_untrained(metrics)
+
+
+@contextlib.contextmanager
+def follow_simulation(run_dir: Path, cfg: RunConfig):
+    """Live display of a simulation: rounds (with the time left), then each site's steps and ε so far.
+
+    Polls RUN/state.json (the ServerApp rewrites it after every round) and
+    RUN/progress/<site>.json (the simulated ClientApps' steps). Off when the
+    output is not a terminal: a log file gets the ServerApp's one line per round.
+    """
+    if not console.is_terminal and os.environ.get("MEDAE_PROGRESS") != "1":
+        yield
+        return
+    import threading
+
+    from rich.progress import TimeRemainingColumn
+
+    from medae_core.federated import STATE, read_progress
+
+    rounds = cfg.federation.rounds
+    stop = threading.Event()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+        federation = bar.add_task("federation: starting (data, Ray)", total=rounds, count="")
+        sites: dict[str, int] = {}
+
+        def poll() -> None:
+            while not stop.wait(0.5):
+                try:
+                    state = json.loads((run_dir / STATE).read_text())
+                except (OSError, ValueError):
+                    state = {}
+                done = int(state.get("rounds_done", 0))
+                current = min(done + 1, rounds)
+                spent = {name: s.get("epsilon") for name, s in (state.get("sites") or {}).items()}
+                fractions = []
+                for site, p in read_progress(run_dir).items():
+                    here = p.get("round") == current and done < rounds
+                    frac = (p["done"] / p["total"]) if here and p.get("total") else (1.0 if done >= rounds else 0.0)
+                    fractions.append(frac)
+                    eps = spent.get(site)
+                    label = f"  {site}" + (f" · ε {eps:.2f}" if eps is not None and cfg.privacy.enabled else "")
+                    if site not in sites:
+                        sites[site] = bar.add_task(label, total=1.0, count="")
+                    steps = f"{p['done']}/{p['total']} steps" if here else ("done" if done >= rounds else "waiting")
+                    bar.update(sites[site], completed=frac, description=label, count=steps)
+                training = fractions and done < rounds and min(fractions) < 1.0
+                phase = "training" if training else ("evaluating" if fractions and done < rounds else "")
+                progress_now = done + (sum(fractions) / len(fractions) * 0.8 if fractions and done < rounds else 0)
+                title = (f"federation: round {current}/{rounds} {phase}" if done < rounds
+                         else f"federation: {rounds} rounds done; report")
+                bar.update(federation, completed=min(progress_now, rounds), description=title,
+                           count=f"{done}/{rounds} rounds")
+
+        thread = threading.Thread(target=poll, name="medae-follow", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(5)
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Flower's console lines: plain text when not a terminal, and without its end-of-run actor notices."""
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(colored=console.is_terminal)
+    if not console.is_terminal:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(ClientAppActor pid=...)" prefix, uncoloured
+
+    class _WarningsOnly(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return verbose or (record.levelno >= logging.WARNING and "Manually terminating" not in record.getMessage())
+
+    for handler in logging.getLogger("flwr").handlers:  # Flower's simulation raises its own level to INFO
+        handler.addFilter(_WarningsOnly())
 
 
 def _exit_if_untrained(metrics: dict) -> int:
@@ -376,6 +457,7 @@ def cmd_server(args) -> int:
     opts = ServerOptions(run_dir=args.out, certs=args.certs, authorized_keys=args.authorized_keys,
                          host=args.host, port=args.port, internal_port=args.internal_port, insecure=args.insecure)
     rounds = cfg.federation.rounds
+    quiet_flower(args.verbose)
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("waiting for sites", total=rounds)

@@ -38,6 +38,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -56,6 +57,7 @@ from medae_core.errors import MedaeError
 log = logging.getLogger("medae.deploy")
 
 DEFAULT_PORT = 9092
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 RESTART_DELAY_S = 10.0
 CONNECTION = "medae"  # the name of the loopback SuperLink connection in RUN/.flower/config.toml
 INSECURE_WARNING = (
@@ -134,6 +136,7 @@ class ManagedProcess:
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            line = ANSI_ESCAPE.sub("", line)  # Flower colours its output; log files stay plain text
             self._log.write(line)
             self._log.flush()
             line = line.rstrip("\n")

@@ -49,6 +49,27 @@ ADAM_STEP_BOUND = 3.2
 UPDATE_MARGIN = 2.0
 
 
+PROGRESS_DIR = "progress"  # simulation only: RUN/progress/<site>.json, a site's steps within a round
+
+
+def write_site_progress(run_dir: Path, site: str, server_round: int, done: int, total: int) -> None:
+    """Where a simulated site is within its round (for the live display of `medae simulate`)."""
+    folder = Path(run_dir) / PROGRESS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{site}.json", {"round": server_round, "done": done, "total": total, "time": time.time()})
+
+
+def read_progress(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every simulated site's last progress record; a file being replaced is skipped this time."""
+    out = {}
+    for path in sorted((Path(run_dir) / PROGRESS_DIR).glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def write_site_registry(path: Path, site_of_node: dict[int, str]) -> None:
     write_json(path, {"nodes": {str(node): site for node, site in sorted(site_of_node.items())}})
 
