@@ -91,19 +91,37 @@ def cmd_check_data(args) -> int:
     if args.json:
         print_json(report)
     else:
-        table = Table(title=f"medae check-data {args.path}", show_header=False)
-        table.add_row("usable images", str(report["usable_images"]))
-        table.add_row("patients", str(report["patients"]))
-        table.add_row("layout", str(report.get("layout", "")))
-        for fmt, n in sorted(report.get("by_format", {}).items()):
-            table.add_row(f"  {fmt}", str(n))
-        table.add_row("skipped files", str(len(report["skipped"])))
-        for reason, n in sorted(report.get("skipped_by_reason", {}).items(), key=lambda kv: -kv[1]):
-            table.add_row(f"  {reason}", str(n))
-        out.print(table)
+        out.print(check_data_tables(report))
         if report["skipped"]:
             out.print("--json lists every skipped file with its reason", style="dim")
     return 0 if report["usable_images"] >= 1 else 1
+
+
+def check_data_tables(report: dict):
+    """What a folder holds (per part: train / test, with labels), then why files were skipped, with examples."""
+    from rich.console import Group
+
+    parts = report.get("parts", {})
+    summary = Table(title=f"medae check-data {report['root']}")
+    for col in ("part", "usable images", "patients", "anomalous", "healthy", "unlabelled", "with mask",
+                "files skipped"):
+        summary.add_column(col, justify="left" if col == "part" else "right")
+    for name, part in parts.items():
+        summary.add_row(name, *(str(part.get(k, "–")) for k in ("usable_images", "patients", "anomalous",
+                                                                  "healthy", "unlabelled", "with_mask",
+                                                                  "files_skipped")))
+    formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(report.get("by_format", {}).items())) or "none"
+    summary.caption = f"layout: {report.get('layout', '')} · usable by format: {formats}"
+    if not report["skipped"]:
+        return summary
+    reasons = Table(title="skipped files")
+    reasons.add_column("reason", overflow="fold")
+    reasons.add_column("files", justify="right")
+    reasons.add_column("for example", overflow="fold", no_wrap=False)
+    for reason, n in report.get("skipped_by_reason", {}).items():
+        examples = [sk["path"] for sk in report["skipped"] if sk["reason"].split(": ", 1)[0] == reason][:2]
+        reasons.add_row(reason, str(n), "\n".join(examples))
+    return Group(summary, reasons)
 
 
 # -- make-benchmark -----------------------------------------------------------------

@@ -450,7 +450,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # -- what training changes -------------------------------------------------------
-TRAINABLE_PARTS = ("all", "encoder", "decoder", "bottleneck", "norm", "bias")
+TRAINABLE_PARTS = ("all", "encoder", "decoder", "bottleneck", "norm", "bias", "input", "output")
 
 
 def trainable_mask(model: nn.Module, spec: str) -> dict[str, bool]:
@@ -459,7 +459,9 @@ def trainable_mask(model: nn.Module, spec: str) -> dict[str, bool]:
     ``spec`` is ``"all"`` or a comma list of parts: ``encoder``, ``decoder``;
     ``bottleneck`` (the 1x1 squeeze/expand convolutions and the dense layers
     between them, the VAE's heads included); ``norm`` (GroupNorm affines);
-    ``bias`` (every bias). A parameter is trained if any listed part holds it.
+    ``bias`` (every bias); ``input`` / ``output`` (the encoder's first and the
+    decoder's last convolution: where a scanner's contrast enters and leaves).
+    A parameter is trained if any listed part holds it.
     """
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     unknown = sorted(set(parts) - set(TRAINABLE_PARTS))
@@ -469,6 +471,11 @@ def trainable_mask(model: nn.Module, spec: str) -> dict[str, bool]:
         )
     owner = {f"{name}.{pname}" if name else pname: m
              for name, m in model.named_modules() for pname, _ in m.named_parameters(recurse=False)}
+    owner_name = {f"{name}.{pname}" if name else pname: name
+                  for name, m in model.named_modules() for pname, _ in m.named_parameters(recurse=False)}
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    first_in = next((n for n in convs if n.startswith("encoder.")), None)
+    last_out = next((n for n in reversed(convs) if n.startswith("decoder.")), None)
     mask = {}
     for name, _ in model.named_parameters():
         held = {
@@ -478,6 +485,8 @@ def trainable_mask(model: nn.Module, spec: str) -> dict[str, bool]:
             "bottleneck": name.split(".")[1] in ("squeeze", "fc", "expand", "mu", "logvar"),
             "norm": isinstance(owner[name], nn.GroupNorm),
             "bias": name.endswith(".bias"),
+            "input": owner_name[name] == first_in,
+            "output": owner_name[name] == last_out,
         }
         mask[name] = any(held[p] for p in parts)
     if not any(mask.values()):
