@@ -315,6 +315,10 @@ def test_trainable_parts_select_what_they_name():
     both = trainable_mask(model, "norm, bias")
     assert sum(both.values()) == sum(norm[k] or k.endswith(".bias") for k in both)
     assert trainable_mask(model, "bottleneck")["decoder.fc.weight"]
+    first, last = trainable_mask(model, "input"), trainable_mask(model, "output")
+    assert [k for k, v in first.items() if v] == ["encoder.features.0.weight", "encoder.features.0.bias"]
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert [k for k, v in last.items() if v] == [f"{convs[-1]}.weight", f"{convs[-1]}.bias"]
     assert set_trainable(model, "all") == sum(p.numel() for p in model.parameters())
     with pytest.raises(ConfigError, match="train.trainable"):
         trainable_mask(model, "attention")
