@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import typing
 from pathlib import Path
 
 # Sites are offline and medae never phones home: Flower's telemetry is read at
@@ -26,7 +25,7 @@ from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from medae.deploy import DEFAULT_PORT  # noqa: E402
-from medae_core.config import ModelKind, RunConfig  # noqa: E402
+from medae_core.config import IMAGE_SIZES, MODEL_KINDS, RunConfig  # noqa: E402
 from medae_core.errors import MedaeError  # noqa: E402
 
 # No markup in what is printed: paths and reasons such as scans/a[/b] must print as they are;
@@ -467,7 +466,7 @@ def _flower_echo(verbose: bool):
 
 def cmd_server(args) -> int:
     from medae.deploy import ServerOptions, serve
-    from server.app import round_summary
+    from medae_core.report import round_summary
 
     _insecure_warning(args)
     cfg = load_config(args, {"federation.rounds": args.rounds, "model.kind": args.model, "train.init": args.init,
@@ -531,8 +530,6 @@ CONFIG_OPTIONS = {
     "image_size": "model.image_size", "epochs": "train.epochs", "budget": "privacy.budget_epsilon",
     "device": "train.device", "init": "train.init",
 }
-MODEL_KINDS = typing.get_args(ModelKind)
-IMAGE_SIZES = (64, 128, 256)
 
 
 def _config_default(key: str) -> str:

@@ -154,8 +154,6 @@ def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -
     import json
 
     from medae_core.benchmark import make_benchmark
-    from medae_core.bundle import load_bundle
-    from medae_core.report import reference_images, write_metrics, write_report
 
     run_dir = Path(run_dir)
     if not cfg.federation.data_root:
@@ -167,13 +165,8 @@ def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -
                            seed=cfg.federation.benchmark_seed)
         cfg = cfg.with_overrides({"federation.data_root": str(root.resolve())})
     run_simulation(cfg, run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     if baselines:
-        from medae_core.baselines import run_baselines
+        from medae_core.baselines import add_baselines
 
-        sites = site_folders(Path(cfg.federation.data_root))[: cfg.federation.sites]
-        metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model")
-        write_metrics(run_dir, metrics)
-        # The ServerApp wrote the report; it is rewritten only to add the baselines.
-        write_report(run_dir, metrics, load_bundle(run_dir / "model"), reference=reference_images(cfg))
-    return metrics
+        return add_baselines(run_dir, cfg)
+    return json.loads((run_dir / "metrics.json").read_text())

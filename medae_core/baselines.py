@@ -110,3 +110,23 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
     results["intensity threshold"] = scored_metrics(test["images"], maps, scores, test["labels"], test["masks"],
                                                     test["has_mask"], None)[0]
     return results
+
+
+def add_baselines(run_dir: Path, cfg: RunConfig) -> dict:
+    """After a simulated federation: its baselines into RUN/metrics.json, and the report redrawn with them.
+
+    ``cfg`` is the run's (``federation.data_root`` set). Returns the metrics.
+    """
+    import json
+
+    from medae_core.data import site_folders
+    from medae_core.report import reference_images, write_metrics, write_report
+
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    sites = site_folders(Path(cfg.federation.data_root))[: cfg.federation.sites]
+    metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model")
+    write_metrics(run_dir, metrics)
+    # The ServerApp wrote the report; it is rewritten only to add the baselines.
+    write_report(run_dir, metrics, load_bundle(run_dir / "model"), reference=reference_images(cfg))
+    return metrics

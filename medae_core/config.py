@@ -21,6 +21,8 @@ from typing import Any, Literal
 from medae_core.errors import ConfigError
 
 ModelKind = Literal["ae", "vae", "dae", "sae"]
+MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)  # the one list of model kinds
+IMAGE_SIZES = (64, 128, 256)  # what the models are built for
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class ModelConfig:
     """Architecture. Maps one-to-one onto `medae_core.models.build_model`."""
 
     kind: ModelKind = "ae"
-    image_size: int = 64  # 64, 128 or 256 px
+    image_size: int = 64  # 64, 128 or 256 px (IMAGE_SIZES)
     in_channels: int = 1
     channels: tuple[int, ...] = (16, 32, 64, 64)  # one stride-2 stage each
     latent_dim: int = 64

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medae_core.config import ModelConfig
+from medae_core.config import IMAGE_SIZES, MODEL_KINDS, ModelConfig
 from medae_core.errors import ConfigError
 
 __all__ = [
@@ -85,8 +85,7 @@ __all__ = [
     "validate_model_config",
 ]
 
-SUPPORTED_IMAGE_SIZES = (64, 128, 256)
-MODEL_KINDS = ("ae", "vae", "dae", "sae")
+SUPPORTED_IMAGE_SIZES = IMAGE_SIZES
 
 # The 1x1 "squeeze" conv in front of the dense bottleneck has at most 16
 # channels and at most 1024 flattened features (fewer channels at 256 px).

@@ -25,6 +25,24 @@ PRIVACY_NOTE = (
 )
 
 
+def round_summary(record: dict) -> str:
+    parts = []
+    if record.get("train_loss") is not None:
+        parts.append(f"train loss {record['train_loss']:.4f}")
+    if record.get("val_loss") is not None:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+    eps = [f"{n} ε={s['epsilon']:.2f}" for n, s in record["sites"].items() if s["status"] == "ok"]
+    refused = [n for n, s in record["sites"].items() if s["status"] != "ok"]  # refused or rejected
+    if eps:
+        parts.append(", ".join(eps))
+    if refused:
+        parts.append("refused: " + ", ".join(refused))
+    auroc = (record.get("test") or {}).get("image_auroc")
+    if auroc is not None:
+        parts.append(f"image AUROC {auroc:.3f}")
+    return "; ".join(parts)
+
+
 def format_delta(delta: float) -> str:
     """δ as people write it: 1e-05, never 0.000."""
     return f"{delta:.0e}" if 0 < delta < 1e-3 else f"{delta:g}"

@@ -1,7 +1,7 @@
 """Anomaly maps, image scores and threshold calibration.
 
 Everything here works on numpy arrays ``[N, S, S]`` of images normalised to
-about [0, 1] (see DESIGN: image representation in memory). The only function
+about [0, 1] (as `medae_core.data` reads them). The only function
 that touches a model is `run_model`; `anomaly_maps` composes it with the pure
 numpy steps so that those can be tested and reused without torch:
 

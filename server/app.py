@@ -41,7 +41,7 @@ from medae_core.federated import (
 )
 from medae_core.models import build_model
 from medae_core.pretrain import initial_weights
-from medae_core.report import reference_images, write_metrics, write_report
+from medae_core.report import reference_images, round_summary, write_metrics, write_report
 from medae_core.scoring import N_SCORE_BINS
 from server.strategy import build_strategy
 
@@ -289,24 +289,6 @@ class FederatedRun:
             "init": self.state.init,
             "config": self.cfg.to_dict(),
         }
-
-
-def round_summary(record: dict) -> str:
-    parts = []
-    if record.get("train_loss") is not None:
-        parts.append(f"train loss {record['train_loss']:.4f}")
-    if record.get("val_loss") is not None:
-        parts.append(f"val loss {record['val_loss']:.4f}")
-    eps = [f"{n} ε={s['epsilon']:.2f}" for n, s in record["sites"].items() if s["status"] == "ok"]
-    refused = [n for n, s in record["sites"].items() if s["status"] != "ok"]
-    if eps:
-        parts.append(", ".join(eps))
-    if refused:
-        parts.append("refused: " + ", ".join(refused))
-    auroc = (record.get("test") or {}).get("image_auroc")
-    if auroc is not None:
-        parts.append(f"image AUROC {auroc:.3f}")
-    return "; ".join(parts)
 
 
 class RejectedReply(Exception):

@@ -155,13 +155,24 @@ def test_a_site_folder_is_not_taken_for_a_federation_root(tiny_benchmark, tmp_pa
     assert "looks like one site's folder" in capsys.readouterr().err
 
 
-def test_hidden_folders_are_not_sites_for_simulate_nor_for_the_client_app(tiny_benchmark, tmp_path):
+def test_simulate_and_the_client_app_see_the_same_sites(tiny_benchmark, tmp_path, tiny_cfg):
+    from flwr.app import Context, RecordDict
+
+    from client.app import site_location
     from medae_core.data import site_folders
 
     root = tmp_path / "fed"
     shutil.copytree(tiny_benchmark, root)
-    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints").mkdir()  # a hidden folder and a stray file are not sites
+    (root / "notes.txt").write_text("which hospital is which")
     assert [p.name for p in site_folders(root)] == ["site-1", "site-2", "site-3"]
+    cfg = tiny_cfg.with_overrides({"federation.data_root": str(root)})
+    seen = []
+    for partition in range(3):
+        context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition}, state=RecordDict(),
+                          run_config=cfg.to_flat() | {"run-dir": str(tmp_path / "run")})
+        seen.append(site_location(context, cfg)[1])
+    assert seen == site_folders(root)
 
 
 def test_brackets_in_a_path_print_as_they_are(tmp_path, capsys):

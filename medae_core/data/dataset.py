@@ -4,7 +4,7 @@ A `Scan` is everything one folder gave: the images at model size, where each
 came from, which patient it belongs to, and every file that was left out with
 the reason. Nothing is ever written into the scanned folder.
 
-Site layout (see the design notes)::
+Site layout (README: A site's data folder)::
 
     SITE/train/            healthy training images
     SITE/test/             optional evaluation images
