@@ -1,12 +1,10 @@
-"""Differential-privacy accounting and each site's privacy ledger.
+"""Each site's privacy ledger: the append-only record that ε is replayed from.
 
-Privacy state is plain data, as in Opacus' accountants: a history of
-``(noise_multiplier, sample_rate, steps)`` tuples. `compute_epsilon` replays a
-history through an Opacus accountant; `calibrate_noise` finds the smallest
-noise multiplier that keeps a history plus one more training run within a
-budget; `PrivacyLedger` is the append-only record on a site's disk from which
-the history is read. ε is always recomputed from the record, never stored as
-a running total that could drift.
+About 600 lines, on purpose: `PrivacyLedger` is one class so that every read
+and every append goes through one lock and one verification path (opening,
+reserving, budget changes, reset); the record format and the accounting it
+calls live in `records` and `accounting`. ε is always recomputed from the
+record's history, never stored as a running total that could drift.
 
 Rules this module keeps, because privacy is a correctness property:
 
@@ -45,20 +43,42 @@ is the site's job.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from datetime import datetime, timezone
-from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from medae_core.config import PrivacyConfig
 from medae_core.errors import BudgetExceededError, LedgerError, PrivacyError
+from medae_core.privacy.accounting import (
+    Accountant,
+    HistoryEntry,
+    _check_accountant,
+    _check_delta,
+    _check_run,
+    calibrate_noise,
+    compute_epsilon,
+)
+from medae_core.privacy.locations import default_ledger_path
+from medae_core.privacy.records import (
+    LEDGER_VERSION,
+    RESET_HINT,
+    UNITS,
+    Unit,
+    _budget,
+    _fsync_dir,
+    _history,
+    _line,
+    _now,
+    _parse,
+    _salvage,
+    _seal,
+    _write_all,
+)
 
 try:  # POSIX
     import fcntl
@@ -67,324 +87,6 @@ except ImportError:  # pragma: no cover - Windows
     import msvcrt
 
 log = logging.getLogger(__name__)
-
-Accountant = Literal["rdp", "prv", "pld"]
-Unit = Literal["patient", "image"]
-HistoryEntry = tuple[float, float, int]
-
-ACCOUNTANTS = ("rdp", "prv", "pld")
-# PLD: dp-accounting's privacy-loss-distribution accountant, pessimistic
-# discretisation at this interval (an upper bound: rounding only ever adds ε).
-PLD_DISCRETIZATION = 1e-3
-UNITS = ("patient", "image")
-LEDGER_VERSION = 1
-
-# PRV: Opacus' default error in ε. Its safe-domain computation is only known to
-# hold for eps_error < 1 (see the FIXME in opacus/accountants/analysis/prv/domain.py).
-PRV_EPS_ERROR = 0.01
-# PRV: below this δ the discretised privacy curve is dominated by float64
-# rounding (microsoft/prv_accountant#17), so we use RDP instead.
-PRV_MIN_DELTA = 1e-10
-# calibrate_noise gives up above this σ (Opacus' get_noise_multiplier uses the same).
-MAX_SIGMA = 1e6
-# calibrate_noise aims for ε in [budget * (1 - CALIBRATION_SLACK), budget].
-CALIBRATION_SLACK = 0.005
-
-RESET_HINT = "An administrator can reset it with `medae privacy reset-ledger {path} --yes`"
-
-
-# -- accounting -----------------------------------------------------------------
-def compute_epsilon(
-    history: Iterable[Sequence[float]], delta: float, accountant: Accountant = "rdp"
-) -> float:
-    """ε spent by a history of ``(noise_multiplier, sample_rate, steps)`` at ``delta``.
-
-    The history is replayed through Opacus' ``RDPAccountant`` or ``PRVAccountant``
-    (``accountant.history = ...; accountant.get_epsilon(delta)``). Entries with the
-    same noise multiplier and sample rate are merged first (composition does not
-    depend on order), which gives the same ε and keeps PRV fast.
-
-    For ``"prv"`` the value is an upper bound on the true ε: Opacus'
-    ``PRVAccountant.get_epsilon`` returns ``eps_upper``, the ε of the discretised
-    privacy curve at ``delta - delta_error`` plus ``eps_error`` (Gopi et al. 2021,
-    Thm. 5.5), with ``eps_error = PRV_EPS_ERROR`` and ``delta_error = delta / 1000``.
-    When the PRV computation raises (Opacus' "Cannot compute epsilon", "Discrete
-    mean differs..." for large ε), returns a non-finite value, or δ is below
-    ``PRV_MIN_DELTA``, the RDP bound (always a valid upper bound) is returned
-    instead and a warning is logged. A negative PRV bound is reported as 0, which
-    is sound: (ε', δ)-DP with ε' < 0 implies (0, δ)-DP.
-
-    For ``"pld"`` (the default for new ledgers) the value is the smaller of two
-    upper bounds: Google's ``dp-accounting`` PLD accountant for the Poisson-
-    subsampled Gaussian (add/remove neighbours, as Opacus), with its pessimistic
-    discretisation at interval `PLD_DISCRETIZATION` (Koskela et al. 2020; Doroshenko
-    et al. 2022: the discretised loss dominates the true one, so ε is never
-    under-reported), and the RDP bound. Both are sound, so their minimum is; PLD is
-    the tighter one wherever it matters (RDP is 8-13 % above it on published DP-SGD settings).
-
-    An empty history (or one with only zero-step entries) spends nothing: 0.0.
-    """
-    _check_delta(delta)
-    _check_accountant(accountant)
-    merged = _merge(history)
-    if not merged:
-        return 0.0
-    if accountant == "pld":
-        return min(_pld_upper_bound(merged, delta), _rdp_epsilon(merged, delta))
-    if accountant == "prv":
-        eps = _prv_upper_bound(merged, delta)
-        if eps is not None:
-            return eps
-    return _rdp_epsilon(merged, delta)
-
-
-def _rdp_epsilon(merged: list[HistoryEntry], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    rdp = RDPAccountant()
-    rdp.history = merged
-    return float(rdp.get_epsilon(delta=delta))
-
-
-def _pld_upper_bound(merged: list[HistoryEntry], delta: float) -> float:
-    from dp_accounting import dp_event, pld
-
-    accountant = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)  # pessimistic by default
-    accountant.compose(dp_event.ComposedDpEvent([
-        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in merged
-    ]))
-    eps = float(accountant.get_epsilon(delta))
-    return max(eps, 0.0) if math.isfinite(eps) else math.inf
-
-
-def _prv_upper_bound(merged: list[HistoryEntry], delta: float) -> float | None:
-    if delta < PRV_MIN_DELTA:
-        log.warning("δ=%g is too small for the PRV accountant; reporting the RDP bound", delta)
-        return None
-    from opacus.accountants import PRVAccountant
-
-    prv = PRVAccountant()
-    prv.history = merged
-    try:
-        eps = float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR, delta_error=delta / 1000))
-    except (RuntimeError, ValueError, ArithmeticError) as exc:
-        log.warning("PRV accountant failed (%s); reporting the RDP bound instead", exc)
-        return None
-    if not math.isfinite(eps):
-        log.warning("PRV accountant returned ε=%s; reporting the RDP bound instead", eps)
-        return None
-    return max(eps, 0.0)
-
-
-def calibrate_noise(
-    budget_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: Accountant = "rdp",
-    already_spent_history: Iterable[Sequence[float]] = (),
-) -> float:
-    """The smallest noise multiplier σ, to within 0.5 % of the budget, for one more run.
-
-    Returns σ such that ``compute_epsilon(already_spent_history + [(σ, sample_rate,
-    steps)], delta, accountant) <= budget_epsilon``, checked with exactly that
-    call. The ε reached is at least ``budget_epsilon * (1 - CALIBRATION_SLACK)``
-    (except for absurdly large budgets, where σ = 1e-3 is returned).
-
-    To plan several federated rounds at one σ, pass the steps of all the rounds
-    still to come; reserving each round at that σ then stays within budget.
-
-    Opacus' ``get_noise_multiplier`` is not used: it takes no history that was
-    already spent, its bisection has no iteration cap, and it needs ~15 ε
-    evaluations where `_solve_sigma` needs ~5 (each PRV one can take a second).
-
-    Raises:
-        BudgetExceededError: the history has used up the budget already, or the
-            remaining budget cannot fit ``steps`` more steps even with σ = MAX_SIGMA.
-    """
-    budget_epsilon = float(budget_epsilon)
-    if not (math.isfinite(budget_epsilon) and budget_epsilon > 0):
-        raise PrivacyError(f"the privacy budget ε must be a positive number; got {budget_epsilon!r}")
-    _check_delta(delta)
-    _check_accountant(accountant)
-    _, sample_rate, steps = _check_run(1.0, sample_rate, steps)
-    prior = _merge(already_spent_history)
-    spent = compute_epsilon(prior, delta, accountant)
-    if spent >= budget_epsilon:
-        raise BudgetExceededError(
-            f"the privacy budget is used up: ε={spent:.4g} already spent of ε={budget_epsilon:g} "
-            f"(δ={delta:g}, {accountant} accountant); no further private training is possible"
-        )
-    epsilon_of = _epsilon_function(prior, delta, accountant, sample_rate, steps)
-
-    sigma = _solve_sigma(epsilon_of, budget_epsilon)
-    if sigma is None:
-        raise BudgetExceededError(
-            f"the remaining privacy budget cannot fit {steps} more steps at sample rate "
-            f"{sample_rate:g}: ε={spent:.4g} already spent of ε={budget_epsilon:g} "
-            f"(δ={delta:g}, {accountant} accountant), and even noise multiplier "
-            f"{MAX_SIGMA:g} would exceed it; train fewer steps or not at all"
-        )
-
-    if accountant in ("prv", "pld"):  # the search evaluated compute_epsilon at exactly this σ
-        return float(sigma)
-    # The RDP search sums a cached prior curve; confirm with the public computation.
-    for _ in range(10):
-        if compute_epsilon(prior + [(sigma, sample_rate, steps)], delta, accountant) <= budget_epsilon:
-            return float(sigma)
-        sigma *= 1 + 1e-6
-    raise PrivacyError(  # pragma: no cover - only if the two ε computations disagree
-        f"internal error: calibrated noise multiplier {sigma:g} does not verify against the budget"
-    )
-
-
-def _solve_sigma(epsilon_of, budget: float) -> float | None:
-    """σ with ε(σ) in [budget·(1 − CALIBRATION_SLACK), budget], or None if none up to MAX_SIGMA.
-
-    ε falls as σ grows. Bracket by doubling or halving σ from 1, then regula falsi
-    (Illinois variant) on log ε against log σ, where the curve is nearly straight,
-    so a handful of ε evaluations suffice (each PRV one can take a second). The
-    bracket's high-noise end always has ε < budget; it is returned if the band is
-    never hit exactly.
-    """
-    low_band, target = budget * (1 - CALIBRATION_SLACK), budget * (1 - CALIBRATION_SLACK / 2)
-    x_max, x_min = math.log(MAX_SIGMA), math.log(1e-3)
-
-    def f(x: float) -> tuple[float, float]:
-        eps = epsilon_of(math.exp(x))
-        return eps, math.log(max(eps, 1e-300)) - math.log(target) if math.isfinite(eps) else math.inf
-
-    x_lo = x_hi = f_lo = f_hi = None  # x_lo: too little noise (ε > budget); x_hi: ε < band
-    x = 0.0
-    while x_lo is None or x_hi is None:
-        eps, fx = f(x)
-        if low_band <= eps <= budget:
-            return math.exp(x)
-        if eps > budget:
-            x_lo, f_lo = x, fx
-            if x >= x_max:
-                return None
-            x = min(x + math.log(2), x_max)
-        else:
-            x_hi, f_hi = x, fx
-            if x <= x_min:  # an absurdly large budget: any σ ≥ 1e-3 fits
-                return math.exp(x)
-            x = max(x - math.log(2), x_min)
-    side = 0
-    for _ in range(60):
-        if math.isfinite(f_lo) and f_lo != f_hi:
-            x = (x_lo * f_hi - x_hi * f_lo) / (f_hi - f_lo)
-        if not (min(x_lo, x_hi) < x < max(x_lo, x_hi)) or not math.isfinite(f_lo):
-            x = (x_lo + x_hi) / 2
-        eps, fx = f(x)
-        if low_band <= eps <= budget:
-            return math.exp(x)
-        if eps > budget:
-            x_lo, f_lo = x, fx
-            if side == -1:
-                f_hi /= 2
-            side = -1
-        else:
-            x_hi, f_hi = x, fx
-            if side == 1 and math.isfinite(f_lo):
-                f_lo /= 2
-            side = 1
-        if abs(x_hi - x_lo) < 1e-9:
-            break
-    return math.exp(x_hi)
-
-
-def _epsilon_function(prior: list[HistoryEntry], delta: float, accountant: str, sample_rate: float, steps: int):
-    """ε(σ) for prior + (σ, sample_rate, steps). RDP sums a cached prior RDP curve."""
-    if accountant in ("prv", "pld"):
-        return lambda sigma: compute_epsilon(prior + [(sigma, sample_rate, steps)], delta, accountant)
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as analysis
-
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    prior_rdp = sum(analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in prior)
-
-    def epsilon(sigma: float) -> float:
-        rdp = prior_rdp + analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
-        return float(analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
-
-    return epsilon
-
-
-def _merge(history: Iterable[Sequence[float]]) -> list[HistoryEntry]:
-    """Validate a history and merge entries with equal (σ, q), first-seen order."""
-    steps_by_key: dict[tuple[float, float], int] = {}
-    for item in history:
-        try:
-            sigma, q, n = item
-        except (TypeError, ValueError):
-            raise PrivacyError(
-                f"a history entry must be (noise_multiplier, sample_rate, steps); got {item!r}"
-            ) from None
-        sigma, q, n = _check_run(sigma, q, n, allow_zero_steps=True)
-        if n:
-            steps_by_key[(sigma, q)] = steps_by_key.get((sigma, q), 0) + n
-    return [(s, q, n) for (s, q), n in steps_by_key.items()]
-
-
-def _check_run(sigma: Any, q: Any, steps: Any, allow_zero_steps: bool = False) -> HistoryEntry:
-    # numbers.Real / Integral also admit NumPy scalars; bool is excluded on purpose.
-    if isinstance(sigma, bool) or not isinstance(sigma, Real) or not (math.isfinite(sigma) and sigma > 0):
-        raise PrivacyError(f"noise multiplier must be a positive number; got {sigma!r}")
-    if isinstance(q, bool) or not isinstance(q, Real) or not (0 < q <= 1):
-        raise PrivacyError(f"sample rate must be in (0, 1]; got {q!r}")
-    if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < (0 if allow_zero_steps else 1):
-        kind = "non-negative" if allow_zero_steps else "positive"
-        raise PrivacyError(f"steps must be a {kind} integer; got {steps!r}")
-    return float(sigma), float(q), int(steps)
-
-
-def _check_delta(delta: Any) -> None:
-    if isinstance(delta, bool) or not isinstance(delta, Real) or not (0 < delta < 1):
-        raise PrivacyError(f"δ must be in (0, 1); got {delta!r}")
-
-
-def _check_accountant(accountant: Any) -> None:
-    if accountant not in ACCOUNTANTS:
-        raise PrivacyError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}")
-
-
-# -- where ledgers live ------------------------------------------------------------
-def medae_home() -> Path:
-    """medae's own folder on this machine: $MEDAE_HOME, else the user data dir (ledgers, logs)."""
-    base = os.environ.get("MEDAE_HOME")
-    if base:
-        return Path(base).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("medae"))
-
-
-def default_ledger_path(site: str) -> Path:
-    """``<base>/ledgers/<safe site name>.jsonl``; base is $MEDAE_HOME or the user data dir.
-
-    Names with characters other than letters, digits, ``.``, ``_`` and ``-`` are
-    made safe and get a short hash, so two different site names never share a file.
-    """
-    if not site or not site.strip():
-        raise PrivacyError("a site name is needed to find its privacy ledger")
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", site).lstrip(".") or "site"
-    if safe != site:
-        safe = f"{safe}-{hashlib.sha256(site.encode()).hexdigest()[:8]}"
-    return medae_home() / "ledgers" / f"{safe}.jsonl"
-
-
-def check_ledger_location(ledger_path: str | Path, data_path: str | Path) -> None:
-    """Refuse a ledger path inside (or equal to) a data folder; medae never writes there."""
-    ledger = Path(ledger_path).expanduser().resolve()
-    data = Path(data_path).expanduser().resolve()
-    if ledger == data or ledger.is_relative_to(data):
-        raise PrivacyError(
-            f"the privacy ledger {ledger} would be inside the data folder {data}; medae never writes into a "
-            "data folder. Set privacy.ledger_path to a file outside it (or leave it empty for the default)"
-        )
-
 
 # -- the ledger ----------------------------------------------------------------------
 class PrivacyLedger:
@@ -897,137 +599,3 @@ def describe(ledger: PrivacyLedger) -> dict[str, Any]:
     }
 
 
-# -- record format ---------------------------------------------------------------------
-_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "header": {"version": int, "seq": int, "site": str, "budget_epsilon": float, "delta": float,
-               "accountant": str, "created": str},
-    "reservation": {"seq": int, "time": str, "run_id": str, "round": int, "noise_multiplier": float,
-                    "sample_rate": float, "steps": int, "unit": str, "delta": float, "status": str},
-    "budget": {"seq": int, "time": str, "budget_epsilon": float, "previous_budget_epsilon": float, "reason": str},
-}
-
-
-def _canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def _seal(record: dict[str, Any], prev: str | None) -> dict[str, Any]:
-    body = {k: v for k, v in record.items() if k != "hash"}
-    body["prev"] = prev
-    return {**body, "hash": hashlib.sha256(_canonical(body)).hexdigest()}
-
-
-def _line(record: dict[str, Any]) -> bytes:
-    return _canonical(record) + b"\n"
-
-
-def _parse(data: bytes, path: Path, *, partial: bool = False) -> list[dict[str, Any]]:
-    """Parse and verify a ledger; with ``partial`` return the verified prefix instead of raising."""
-    records: list[dict[str, Any]] = []
-
-    def fail(problem: str) -> list[dict[str, Any]]:
-        if partial:
-            return records
-        raise LedgerError(f"the privacy ledger {path} is corrupted: {problem}. " + RESET_HINT.format(path=path))
-
-    if not data:
-        return fail("the file is empty")
-    *lines, tail = data.split(b"\n")
-    if tail and not partial:
-        return fail(f"its last line (line {len(lines) + 1}) is incomplete: the file was truncated or a write "
-                    "was interrupted")
-    for number, line in enumerate(lines):
-        try:
-            record = json.loads(line, parse_constant=_reject_constant)
-        except ValueError as exc:
-            return fail(f"line {number + 1} is not valid JSON ({exc})")
-        problem = _record_problem(record, number, records)
-        if problem:
-            return fail(f"line {number + 1}: {problem}")
-        records.append(record)
-    return records
-
-
-def _record_problem(record: Any, number: int, previous: list[dict[str, Any]]) -> str | None:
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    kind = record.get("kind")
-    if (number == 0) != (kind == "header"):
-        return "the first line must be the header, and only the first"
-    if kind not in _FIELDS:
-        return f"unknown entry kind {kind!r}"
-    for name, expected in _FIELDS[kind].items():
-        value = record.get(name)
-        ok = isinstance(value, int | float) if expected is float else isinstance(value, expected)
-        if not ok or isinstance(value, bool):
-            return f"field {name!r} is missing or not a {expected.__name__}"
-    if kind == "header" and record["version"] != LEDGER_VERSION:
-        return f"ledger version {record['version']} is not supported (this medae reads version {LEDGER_VERSION})"
-    if record["seq"] != number:
-        return f"sequence number {record['seq']} where {number} was expected (entries missing or reordered)"
-    expected_prev = previous[-1]["hash"] if previous else None
-    if record.get("prev") != expected_prev:
-        return "the hash chain is broken (an entry before it was removed, added or changed)"
-    body = {k: v for k, v in record.items() if k != "hash"}
-    if record.get("hash") != hashlib.sha256(_canonical(body)).hexdigest():
-        return "its content does not match its hash (the entry was edited)"
-    try:
-        if kind == "header":
-            _check_delta(record["delta"])
-            _check_accountant(record["accountant"])
-            if not record["budget_epsilon"] > 0:
-                raise PrivacyError("the budget must be positive")
-        elif kind == "reservation":
-            _check_run(record["noise_multiplier"], record["sample_rate"], record["steps"])
-            if record["unit"] not in UNITS:
-                raise PrivacyError(f"unknown privacy unit {record['unit']!r}")
-            if record["delta"] != previous[0]["delta"]:
-                raise PrivacyError("its δ differs from the header's")
-        elif not record["budget_epsilon"] > 0:
-            raise PrivacyError("the budget must be positive")
-    except PrivacyError as exc:
-        return str(exc)
-    return None
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _salvage(path: Path) -> list[dict[str, Any]]:
-    try:
-        return _parse(path.read_bytes(), path, partial=True)
-    except OSError:
-        return []
-
-
-def _history(records: list[dict[str, Any]]) -> list[HistoryEntry]:
-    return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in records[1:] if e["kind"] == "reservation"]
-
-
-def _budget(records: list[dict[str, Any]]) -> float:
-    budget = records[0]["budget_epsilon"]
-    for e in records[1:]:
-        if e["kind"] == "budget":
-            budget = e["budget_epsilon"]
-    return float(budget)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # pragma: no cover - directories cannot be fsync'ed on Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
