@@ -38,6 +38,16 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig: Figure, ax, title: str | None) -> bytes:
+    """Title, legend (when anything is labelled) and a light grid; the PNG."""
+    if title:
+        ax.set_title(title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def to_data_uri(png: bytes) -> str:
     """``data:image/png;base64,...`` for an ``<img src=...>`` in an HTML report."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -169,12 +179,7 @@ def line_figure(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logy:
         ax.set_yscale("log")
-    if title:
-        ax.set_title(title, fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, title)
 
 
 def score_histogram_figure(
@@ -201,12 +206,7 @@ def score_histogram_figure(
     if threshold is not None:
         ax.axvline(threshold, color="0.2", ls="--", lw=1.0, label=f"threshold {threshold:.3g}")
     ax.set(xlabel="image score", ylabel="test images")
-    if title:
-        ax.set_title(title, fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, title)
 
 
 def image_grid(

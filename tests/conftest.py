@@ -43,3 +43,14 @@ def tiny_benchmark(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_cfg() -> RunConfig:
     return RunConfig().with_overrides(TINY)
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower stamps messages with the running task's identity; a runtime sets it, so do we."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

@@ -28,14 +28,8 @@ from medae_core.privacy import PrivacyLedger
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps messages with the running task's identity; a runtime sets it, so do we."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+def _task_identity(flower_task_identity):
+    """Every message here is built as inside a Flower runtime (conftest.flower_task_identity)."""
 
 
 def _context(cfg, data_path, ledger_path, site="hospital-a"):
