@@ -202,7 +202,7 @@ def cmd_train_local(args) -> int:
     if priv.get("reproducible_noise"):
         from medae_core.config import NOT_PRIVATE_AGAINST_COORDINATOR
 
-        out.print(NOT_PRIVATE_AGAINST_COORDINATOR, style="bold red")
+        out.print(NOT_PRIVATE_AGAINST_COORDINATOR, style="bold red", soft_wrap=True)
     if "test" in summary:
         out.print(results_table({"model": summary["test"], "intensity baseline": summary["baseline_intensity"]}))
     return 0
@@ -267,7 +267,7 @@ def cmd_simulate(args) -> int:
     from medae_core.report import verdict
 
     for warning in verdict(metrics)["warnings"]:
-        out.print(warning, style="bold red")
+        out.print(warning, style="bold red", soft_wrap=True)
     out.print(f"report: {Path(args.out) / 'report.html'}; model: {Path(args.out) / 'model'}")
     return _exit_if_untrained(metrics)
 
