@@ -36,12 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 MEASURE = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     from medae.cli import main
     start = time.perf_counter()
     code = main(sys.argv[1:])
-    print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "peak_mb": hwm / 1024}),
+          file=sys.stderr)
     """
 )
 

@@ -333,6 +333,17 @@ def follow_simulation(run_dir: Path, cfg: RunConfig):
             thread.join(5)
 
 
+class _FlowerWarningsOnly(logging.Filter):
+    """On Flower's own console handler: its warnings and errors, not its INFO lines or end-of-run actor notices."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or (record.levelno >= logging.WARNING and "Manually terminating" not in record.getMessage())
+
+
 def quiet_flower(verbose: bool) -> None:
     """Flower's console lines: plain text when not a terminal, and without its end-of-run actor notices."""
     from flwr.common.logger import update_console_handler
@@ -341,12 +352,11 @@ def quiet_flower(verbose: bool) -> None:
     if not console.is_terminal:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(ClientAppActor pid=...)" prefix, uncoloured
 
-    class _WarningsOnly(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return verbose or (record.levelno >= logging.WARNING and "Manually terminating" not in record.getMessage())
+    from flwr.supercore.logger import ConsoleHandler
 
     for handler in logging.getLogger("flwr").handlers:  # Flower's simulation raises its own level to INFO
-        handler.addFilter(_WarningsOnly())
+        if isinstance(handler, ConsoleHandler) and not any(isinstance(f, _FlowerWarningsOnly) for f in handler.filters):
+            handler.addFilter(_FlowerWarningsOnly(verbose))
 
 
 def _exit_if_untrained(metrics: dict) -> int:
