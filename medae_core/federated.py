@@ -153,21 +153,25 @@ def dice_best_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
     return float(np.max(2 * tp / (2 * tp + fp + fn)))
 
 
-def dice_at_threshold_from_histograms(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float | None:
-    """Global Dice of ``score >= threshold``; exact when ``threshold`` is a bin edge (as pooled thresholds are)."""
+def _confusion_at(pos: np.ndarray, neg: np.ndarray, threshold: float) -> tuple[float, float, float, float]:
+    """(TP, FP, FN, TN) of ``score >= threshold``; exact when ``threshold`` is a bin edge (as pooled thresholds are)."""
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     k = int(score_bin_index([threshold])[0])
-    tp, fp, fn = pos[k:].sum(), neg[k:].sum(), pos[:k].sum()
+    return pos[k:].sum(), neg[k:].sum(), pos[:k].sum(), neg[:k].sum()
+
+
+def dice_at_threshold_from_histograms(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float | None:
+    """Global Dice of ``score >= threshold``."""
+    tp, fp, fn, _ = _confusion_at(pos, neg, threshold)
     denom = 2 * tp + fp + fn
     return float(2 * tp / denom) if denom > 0 else None
 
 
 def rates_at_threshold(pos: np.ndarray, neg: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """Sensitivity and specificity of ``score >= threshold``; exact when it is a bin edge (pooled thresholds are)."""
-    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    k = int(score_bin_index([threshold])[0])
-    return {"sensitivity": float(pos[k:].sum() / pos.sum()) if pos.sum() else None,
-            "specificity": float(neg[:k].sum() / neg.sum()) if neg.sum() else None}
+    """Sensitivity and specificity of ``score >= threshold``."""
+    tp, fp, fn, tn = _confusion_at(pos, neg, threshold)
+    return {"sensitivity": float(tp / (tp + fn)) if tp + fn else None,
+            "specificity": float(tn / (tn + fp)) if tn + fp else None}
 
 
 def pool_evaluations(

@@ -40,6 +40,7 @@ import torch
 from medae_core.bundle import Bundle, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.errors import BundleError, ConfigError
+from medae_core.fileio import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -166,18 +167,13 @@ def build_builtin(cfg: RunConfig, out: Path, work: Path | None = None) -> dict:
     out = Path(out)
     cfg = cfg.with_overrides(BUILTIN_TRAIN)
     scratch = Path(tempfile.mkdtemp(prefix="medae-public-", dir=work))
-    staging = out.with_name(f".{out.name}.partial")
     try:
-        make_benchmark(scratch / "set", sites=0, public=BUILTIN_PUBLIC_PATIENTS, seed=BUILTIN_PUBLIC_SEED)
-        shutil.rmtree(staging, ignore_errors=True)
-        summary = pretrain(scratch / "set" / "public", staging, cfg)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)  # complete or absent
+        with output_folder(out, marker="bundle.json") as stage:  # the bundle is complete or absent
+            make_benchmark(scratch / "set", sites=0, public=BUILTIN_PUBLIC_PATIENTS, seed=BUILTIN_PUBLIC_SEED)
+            summary = pretrain(scratch / "set" / "public", stage, cfg)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
+    return summary | {"out": str(out)}
 
 
 def _architecture_diff(have: dict, want: dict) -> list[str]:

@@ -469,21 +469,26 @@ def _read_raster(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     get per-image percentile scaling. ``data.intensity = "percentile"`` scales
     every image by percentiles.
     """
+    pages = _raster_pages(path, data, lambda page: _raster_gray(page, data))
+    multi = len(pages) > 1
+    slices = [Slice(img, i if multi else None, rel) for i, img in enumerate(pages) if img.max() > img.min()]
+    if not slices:
+        raise UnusableFile("blank image (all pixels equal)")
+    return slices
+
+
+def _raster_pages(path: Path, data: DataConfig, convert) -> list[np.ndarray]:
+    """``convert(page)`` for every page, after the size check; any failure is an `UnusableFile`."""
     try:
         with Image.open(path) as im:
             check_decoded_size(_raster_bytes(im), data)
-            pages = [_raster_gray(page, data) for page in ImageSequence.Iterator(im)]
+            return [convert(page) for page in ImageSequence.Iterator(im)]
     except UnusableFile:
         raise
     except Image.DecompressionBombError as exc:
         raise UnusableFile(f"too large: {_one_line(exc)}") from None
     except Exception as exc:
         raise UnusableFile(f"unreadable image file: {_one_line(exc)}") from None
-    multi = len(pages) > 1
-    slices = [Slice(img, i if multi else None, rel) for i, img in enumerate(pages) if img.max() > img.min()]
-    if not slices:
-        raise UnusableFile("blank image (all pixels equal)")
-    return slices
 
 
 def _raster_bytes(im: Image.Image) -> int:
@@ -517,16 +522,7 @@ def read_mask(path: Path, data: DataConfig) -> list[np.ndarray]:
         volume = _nifti_volume(path, path.name, data)
         return [axial_view(volume[:, :, k]) != 0 for k in range(volume.shape[2])]
     if fmt == "raster":
-        try:
-            with Image.open(path) as im:
-                check_decoded_size(_raster_bytes(im), data)
-                return [np.asarray(page.convert("L")) > 0 for page in ImageSequence.Iterator(im)]
-        except UnusableFile:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise UnusableFile(f"too large: {_one_line(exc)}") from None
-        except Exception as exc:
-            raise UnusableFile(f"unreadable image file: {_one_line(exc)}") from None
+        return _raster_pages(path, data, lambda page: np.asarray(page.convert("L")) > 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = _open_dicom(path, data)
