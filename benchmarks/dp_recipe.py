@@ -34,7 +34,8 @@ from medae_core.config import RunConfig  # noqa: E402
 def pretrain_state(public_dir: Path, cfg: RunConfig, epochs: int) -> dict:
     from medae_core.models import build_model
     from medae_core.site import load_site_data
-    from medae_core.training import plan_training, train
+    from medae_core.training import train
+    from medae_core.units import plan_training
 
     c = cfg.with_overrides({"privacy.enabled": False, "privacy.unit": "image", "train.epochs": epochs,
                             "train.trainable": "all", "train.lr": 2e-3})
@@ -75,12 +76,12 @@ def federate(cfg: RunConfig, sites: list[Path], init: dict | None, rounds: int, 
 
 
 def image_aurocs(cfg: RunConfig, state: dict, datas, trainers) -> dict:
-    from medae_core.baselines import evaluate_model, pooled_test
+    from medae_core.evaluation import LabelledSet, evaluate_model
 
-    model = trainers[0].model(state)
-    out = {"pooled": evaluate_model(model, cfg, pooled_test(datas), None, trainers[0].device)["image_auroc"]}
+    model, device = trainers[0].model(state), trainers[0].device
+    out = {"pooled": evaluate_model(model, LabelledSet.pooled([d.test for d in datas]), cfg, device, None)["image_auroc"]}
     for d in datas:
-        out[d.name] = evaluate_model(model, cfg, pooled_test([d]), None, trainers[0].device)["image_auroc"]
+        out[d.name] = evaluate_model(model, LabelledSet.of(d.test), cfg, device, None)["image_auroc"]
     return {k: round(v, 3) for k, v in out.items()}
 
 

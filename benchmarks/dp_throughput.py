@@ -1,7 +1,7 @@
 """DP-SGD vs non-private training throughput, per model kind and grad_sample_mode.
 
 Every mode runs the same step code as `medae_core.training.train` (the
-internal `_Stepper`: forward, per-sample loss, backward/clipping, noise,
+internal `Stepper`: forward, per-sample loss, backward/clipping, noise,
 Adam), on the same model, with the same fixed batch of ``--batch-size``
 images per step, so "an image" and "a step" mean the same thing in every
 column. (`train` itself draws Poisson batches under DP, whose size varies;
@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 from medae_core.config import ModelConfig  # noqa: E402
 from medae_core.models import build_model, count_parameters  # noqa: E402
-from medae_core.training import _reuse_freed_memory, _Stepper  # noqa: E402
+from medae_core.devices import reuse_freed_memory  # noqa: E402
+from medae_core.dp_step import Stepper  # noqa: E402
 
 ALL_MODES = ["nondp", "bk", "hooks", "ghost", "ew", "functorch"]
 
@@ -43,7 +44,7 @@ def make_step(kind: str, mode: str, args) -> tuple[callable, int, callable]:
     model.train()
     x = torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    stepper = _Stepper(
+    stepper = Stepper(
         model, opt, "none" if mode == "nondp" else mode,
         noise_multiplier=None if mode == "nondp" else 1.0,
         max_grad_norm=1.0,
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     t0 = time.perf_counter()
-    with _reuse_freed_memory():  # as train() does, for every mode alike
+    with reuse_freed_memory():  # as train() does, for every mode alike
         rows = measure(args)
     load_after = " ".join(f"{v:.2f}" for v in os.getloadavg())
     text = markdown(rows, args, load_before, load_after, time.perf_counter() - t0)

@@ -50,14 +50,14 @@ def row_names(sites: list[str]) -> list[str]:
 def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -> dict:
     from medae.simulate import prepare_and_run
     from medae_core.data import site_folders
-    from medae_core import scoring
-    from medae_core.baselines import evaluate_model, pool_sites, pooled_test, train_and_evaluate
+    from medae_core.baselines import pool_sites, train_and_evaluate
     from medae_core.benchmark import make_benchmark
     from medae_core.bundle import load_bundle
     from medae_core.models import build_model
     from medae_core.pretrain import initial_weights
-    from medae_core.site import load_site_data, scored_metrics
-    from medae_core.training import resolve_device
+    from medae_core.evaluation import LabelledSet, evaluate_model, intensity_metrics
+    from medae_core.site import load_site_data
+    from medae_core.devices import resolve_device
 
     data_root = out / f"data-{patients}"
     default_size = patients == base.federation.benchmark_patients
@@ -67,16 +67,10 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
     sites = site_folders(data_root)[: base.federation.sites]
     cfg0 = base.with_overrides({"federation.data_root": str(data_root.resolve())})
     data = [load_site_data(s, cfg0) for s in sites]
-    test = pooled_test(data)
-    maps, scores = scoring.intensity_baseline(test["images"], cfg0.scoring)
-    intensity = scored_metrics(test["images"], maps, scores, test["labels"], test["masks"], test["has_mask"],
-                               None)[0]["image_auroc"]
-    per_site_intensity = {}
-    for d in data:
-        t = pooled_test([d])
-        m, sc = scoring.intensity_baseline(t["images"], cfg0.scoring)
-        per_site_intensity[d.name] = scored_metrics(t["images"], m, sc, t["labels"], t["masks"], t["has_mask"],
-                                                    None)[0]["image_auroc"]
+    test = LabelledSet.pooled([d.test for d in data])
+    site_tests = {d.name: LabelledSet.of(d.test) for d in data}
+    intensity = intensity_metrics(test, cfg0)["image_auroc"]
+    per_site_intensity = {name: intensity_metrics(t, cfg0)["image_auroc"] for name, t in site_tests.items()}
     device = resolve_device(cfg0.train.device)
     result = {"patients_per_site": patients, "train_patients": [d.n_train_patients for d in data],
               "intensity": intensity, "intensity_per_site": per_site_intensity, "by_epsilon": {}}
@@ -86,9 +80,9 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
         start = build_model(cfg0.model)
         start.load_state_dict(state)
         start = start.to(device).eval()
-        result["zero_shot"] = evaluate_model(start, cfg0, test, None, device)["image_auroc"]
-        result["zero_shot_per_site"] = {d.name: evaluate_model(start, cfg0, pooled_test([d]), None, device)[
-            "image_auroc"] for d in data}
+        result["zero_shot"] = evaluate_model(start, test, cfg0, device, None)["image_auroc"]
+        result["zero_shot_per_site"] = {name: evaluate_model(start, t, cfg0, device, None)["image_auroc"]
+                                        for name, t in site_tests.items()}
         result["init"] = provenance
     for eps in epsilons:
         key = "inf" if math.isinf(eps) else f"{eps:g}"
@@ -101,10 +95,8 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
             prepare_and_run(cfg, run_dir)
         bundle = load_bundle(run_dir / "model")
         model = bundle.build_model().to(device)
-        rows = {"federated": evaluate_model(model, cfg, test, None, device)["image_auroc"]}
-        per_site = {}
-        for d in data:
-            per_site[d.name] = evaluate_model(model, cfg, pooled_test([d]), None, device)["image_auroc"]
+        rows = {"federated": evaluate_model(model, test, cfg, device, None)["image_auroc"]}
+        per_site = {name: evaluate_model(model, t, cfg, device, None)["image_auroc"] for name, t in site_tests.items()}
         long = cfg.with_overrides({"train.epochs": cfg.train.epochs * cfg.federation.rounds})
         log.info("patients/site %d, ε=%s: centralized", patients, key)
         rows["centralized, DP"] = train_and_evaluate(pool_sites(data), long, test, run_dir / "ledgers-baselines")[

@@ -3,8 +3,8 @@
 Thin by design: unpack the message, call `medae_core.site`, pack the reply.
 What may leave the site is fixed here, in one place:
 - ``arrays``: the model's state dict (no Opacus wrapper);
-- ``metrics``: the scalars and histogram counts named in `TRAIN_METRICS` /
-  `EVAL_METRICS`, nothing else;
+- ``metrics``: the scalars and histogram counts named in `contract.TRAIN_METRICS` /
+  `contract.EVAL_METRICS`, nothing else;
 - ``site``: the site's display name and privacy unit.
 Refusals (budget spent, no usable data, ledger problem) are error replies
 whose reason is built here from numbers and the site name: never from paths,
@@ -13,9 +13,9 @@ site's own log.
 
 Where the site's data and ledger are:
 - deployment (``medae client``): node config ``data-path``, ``ledger-path``
-  and ``site-name``;
-- simulation (``medae simulate``): subfolder k (sorted) of the run config's
-  ``federation.data_root`` for node partition k, ledger in the run folder.
+  and ``site-name`` (`medae_core.contract`);
+- simulation (``medae simulate``): site folder k (`medae_core.data.site_folders`) of the run
+  config's ``federation.data_root`` for node partition k, ledger in the run folder.
 """
 
 from __future__ import annotations
@@ -29,7 +29,17 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from medae_core import contract as c
 from medae_core.config import RunConfig
+from medae_core.contract import (
+    BUDGET_EXCEEDED,
+    EVAL_METRICS,
+    LEDGER_PROBLEM,
+    NO_USABLE_DATA,
+    SITE_FAILURE,
+    SITE_POLICY,
+    TRAIN_METRICS,
+)
 from medae_core.data import site_folders
 from medae_core.errors import BudgetExceededError, DataError, LedgerError, PrivacyError, SitePolicyError
 from medae_core.federated import write_site_progress
@@ -40,61 +50,25 @@ from medae_core.site import SiteTrainer, load_site_data
 log = logging.getLogger("medae.client")
 app = ClientApp()
 
-TRAIN_METRICS = (
-    "num-examples",
-    "loss",
-    "steps",
-    "epsilon",
-    "delta",
-    "budget-epsilon",
-    "noise-multiplier",
-    "sample-rate",
-    "seconds",
-    "images-per-second",
-    "trained-parameters",
-    "noise-to-signal",
-)
-EVAL_METRICS = (
-    "num-examples",
-    "val-loss",
-    "healthy-hist",
-    "image-pos-hist",
-    "image-neg-hist",
-    "pixel-pos-hist",
-    "pixel-neg-hist",
-    "baseline-image-pos-hist",
-    "baseline-image-neg-hist",
-    "image-auroc",
-    "image-auprc",
-    "pixel-auroc",
-    "pixel-auprc",
-    "dice-best",
-    "dice-at-threshold",
-    "baseline-image-auroc",
-)
-SITE_FIELDS = ("site", "privacy-unit")
 PROGRESS_INTERVAL_S = 0.5
-
-# Error codes of medae refusals (Flower's own codes are below 100).
-BUDGET_EXCEEDED, NO_USABLE_DATA, LEDGER_PROBLEM, SITE_POLICY, SITE_FAILURE = 100, 101, 102, 103, 199
 
 
 # -- where things are ---------------------------------------------------------
 def site_location(context: Context, cfg: RunConfig) -> tuple[str, Path, Path]:
     """(site name, data folder, ledger path) for this node."""
     node = context.node_config
-    if "data-path" in node:
-        data = Path(str(node["data-path"]))
-        name = str(node.get("site-name", "site"))
-        ledger = Path(str(node["ledger-path"])) if node.get("ledger-path") else default_ledger_path(name)
+    if c.NODE_DATA_PATH in node:
+        data = Path(str(node[c.NODE_DATA_PATH]))
+        name = str(node.get(c.NODE_SITE_NAME, "site"))
+        ledger = Path(str(node[c.NODE_LEDGER_PATH])) if node.get(c.NODE_LEDGER_PATH) else default_ledger_path(name)
         return name, data, ledger
     root = Path(cfg.federation.data_root)
     sites = site_folders(root)  # the same rule `medae simulate` counts sites with
-    partition = int(node["partition-id"])
+    partition = int(node[c.PARTITION_ID])
     if partition >= len(sites):
         raise DataError(f"simulation node {partition} has no site folder: {root} holds {len(sites)}")
     data = sites[partition]
-    run_dir = Path(str(context.run_config["run-dir"]))
+    run_dir = Path(str(context.run_config[c.RUN_DIR]))
     return data.name, data, run_dir / "ledgers" / f"{data.name}.jsonl"
 
 
@@ -109,10 +83,10 @@ def check_site_policy(cfg: RunConfig, node: dict) -> None:
         raise SitePolicyError("the run asks for reproducible DP noise (privacy.reproducible_noise), which the "
                               "coordinator could subtract; a deployed site never trains with it")
     if not cfg.privacy.enabled:
-        if not node.get("allow-no-dp", False):
+        if not node.get(c.NODE_ALLOW_NO_DP, False):
             raise SitePolicyError("this site trains only with differential privacy, and the run has it switched off")
         return
-    unit = str(node.get("privacy-unit", "patient"))
+    unit = str(node.get(c.NODE_PRIVACY_UNIT, "patient"))
     if cfg.privacy.unit != unit:
         raise SitePolicyError(f"this site accounts privacy per {unit}; the run asks for per-{cfg.privacy.unit} "
                               "accounting")
@@ -122,10 +96,10 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
     """The site's trainer; its privacy ledger is opened only when it is about to train."""
     cfg = RunConfig.from_flat(context.run_config)
     name, data_path, ledger_path = site_location(context, cfg)
-    if "data-path" in context.node_config and for_training:
+    if c.NODE_DATA_PATH in context.node_config and for_training:
         check_site_policy(cfg, context.node_config)
-    if context.node_config.get("device"):  # the site's hardware is the site's choice (`medae client --device`)
-        cfg = replace(cfg, train=replace(cfg.train, device=str(context.node_config["device"])))
+    if context.node_config.get(c.NODE_DEVICE):  # the site's hardware is the site's choice (`medae client --device`)
+        cfg = replace(cfg, train=replace(cfg.train, device=str(context.node_config[c.NODE_DEVICE])))
     ledger = None
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)
@@ -148,13 +122,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     name, trainer, cfg = open_site(context, for_training=True)
     config = msg.content["config"]
-    server_round = int(config["server-round"])
+    server_round = int(config[c.ROUND])
     result = trainer.train_round(
         msg.content["arrays"].to_torch_state_dict(),
-        run_id=str(config.get("run-id", "")),
+        run_id=str(config.get(c.ROUND_RUN_ID, "")),
         server_round=server_round,
-        rounds_left=int(config.get("rounds-left", 1)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        rounds_left=int(config.get(c.ROUND_ROUNDS_LEFT, 1)),
+        proximal_mu=float(config.get(c.ROUND_PROXIMAL_MU, 0.0)),
         progress=_simulation_progress(context, name, server_round),
     )
     metrics = {
@@ -178,20 +152,19 @@ def _train(msg: Message, context: Context) -> Message:
 def _evaluate(msg: Message, context: Context) -> Message:
     name, trainer, cfg = open_site(context, for_training=False)
     config = msg.content["config"]
-    threshold = float(config["threshold"]) if "threshold" in config else None
+    threshold = float(config[c.ROUND_THRESHOLD]) if c.ROUND_THRESHOLD in config else None
     result = trainer.evaluate(msg.content["arrays"].to_torch_state_dict(), threshold)
     metrics: dict = {
         "num-examples": result.num_val,
         "val-loss": result.val_loss,
-        "healthy-hist": _counts(score_histogram(result.healthy_scores)),
+        c.histogram_key("healthy"): _counts(score_histogram(result.healthy_scores)),
     }
-    for key, counts in result.test_histograms.items():
-        metrics[f"{key}-hist"] = _counts(counts)
-    for key in ("image_auroc", "image_auprc", "pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold",
-                "baseline_image_auroc"):
-        value = result.test.get(key)
+    for histogram, counts in result.test_histograms.items():
+        metrics[c.histogram_key(histogram)] = _counts(counts)
+    for metric in c.EXACT_METRICS:
+        value = result.test.get(metric)
         if value is not None and np.isfinite(value):
-            metrics[key.replace("_", "-")] = float(value)
+            metrics[c.wire(metric)] = float(value)
     return _reply(msg, name, cfg, metrics, EVAL_METRICS)
 
 
@@ -200,9 +173,9 @@ def _simulation_progress(context: Context, site: str, server_round: int):
 
     A deployed site writes nothing of the kind: the run folder is the coordinator's.
     """
-    if "partition-id" not in context.node_config or "run-dir" not in context.run_config:
+    if c.PARTITION_ID not in context.node_config or c.RUN_DIR not in context.run_config:
         return None
-    run_dir = Path(str(context.run_config["run-dir"]))
+    run_dir = Path(str(context.run_config[c.RUN_DIR]))
     last = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -226,7 +199,7 @@ def _reply(msg, name, cfg, metrics, allowed, arrays=None) -> Message:
     content = RecordDict(
         {
             "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"site": name, "privacy-unit": cfg.privacy.unit}),
+            "site": ConfigRecord({c.SITE_NAME: name, c.SITE_UNIT: cfg.privacy.unit}),
         }
     )
     if arrays is not None:
@@ -237,24 +210,24 @@ def _reply(msg, name, cfg, metrics, allowed, arrays=None) -> Message:
 def site_name(context: Context) -> str:
     """The name a refusal is reported under (never derived from a path in deployment)."""
     node = context.node_config
-    if "site-name" in node:
-        return str(node["site-name"])
+    if c.NODE_SITE_NAME in node:
+        return str(node[c.NODE_SITE_NAME])
     try:
         return site_location(context, RunConfig.from_flat(context.run_config))[0]
     except Exception:  # noqa: BLE001 - a name for the error message only
-        return f"partition-{node.get('partition-id', '?')}"
+        return f"partition-{node.get(c.PARTITION_ID, '?')}"
 
 
 def _guarded(msg: Message, context: Context, handler) -> Message:
     """Run a handler; turn every failure into a reason that carries no path.
 
-    Reasons start with ``site NAME:`` — an error reply has no content, so this
-    is how the server knows which site refused.
+    Reasons name the site (`contract.refusal`): an error reply has no content, so
+    this is how the server knows which site refused.
     """
     site = site_name(context)
 
     def refuse(code: int, reason: str) -> Message:
-        return Message(Error(code, f"site {site}: {reason}"), reply_to=msg)
+        return Message(Error(code, c.refusal(site, reason)), reply_to=msg)
 
     try:
         return handler(msg, context)

@@ -4,10 +4,8 @@ Runs the same ServerApp (`server.app`) and ClientApp (`client.app`) that a
 deployment runs, on Flower's Simulation Runtime with the Ray backend: K
 virtual SuperNodes, node k reading site folder k of the federation root.
 
-Flower hands apps their settings as ``run_config``, fused from an app's
-``pyproject.toml`` defaults and the run's overrides. We write a minimal app
-manifest into the run folder whose defaults are this run's `RunConfig`, so
-both apps receive exactly the object the command line built.
+Both apps receive exactly the `RunConfig` the command line built, through
+the app manifest in the run folder (`medae.app_manifest`), as a deployment's do.
 """
 
 from __future__ import annotations
@@ -16,57 +14,12 @@ import logging
 import os
 from pathlib import Path
 
+from medae.app_manifest import run_config, write_app
 from medae_core.config import RunConfig
 from medae_core.data import site_folders
 from medae_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def app_manifest(flat: dict) -> str:
-    """A Flower app pyproject.toml whose run_config defaults are ``flat``."""
-    lines = [
-        "[project]",
-        'name = "medae-run"',
-        'version = "1.0.0"',
-        'description = "One medae run: the installed server.app and client.app with this run\'s settings"',
-        'license = "Apache-2.0"',
-        "",
-        "[tool.flwr.app]",
-        'publisher = "medae"',
-        "",
-        "[tool.flwr.app.components]",
-        'serverapp = "server.app:app"',
-        'clientapp = "client.app:app"',
-        "",
-        "[tool.flwr.app.config]",
-    ]
-    for key, value in flat.items():
-        lines.append(f'"{key}" = {toml_value(value)}')
-    return "\n".join(lines) + "\n"
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
-def write_app(cfg: RunConfig, run_dir: Path, extra: dict[str, str] | None = None) -> Path:
-    """RUN/.flwr-app/pyproject.toml: the app manifest whose run_config is ``cfg`` (+ ``run-dir``, ``extra``)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    app_dir = run_dir / ".flwr-app"
-    app_dir.mkdir(exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(app_manifest(run_config(cfg, run_dir) | (extra or {})))
-    return app_dir
-
-
-def run_config(cfg: RunConfig, run_dir: Path) -> dict:
-    """The run_config both apps receive: the flat `RunConfig` and the run folder."""
-    return cfg.to_flat() | {"run-dir": str(run_dir.resolve())}
 
 
 def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
@@ -137,7 +90,7 @@ def preflight(cfg: RunConfig) -> None:
     fit the configured architecture.
     """
     from medae_core.pretrain import initial_weights
-    from medae_core.training import resolve_device
+    from medae_core.devices import resolve_device
 
     resolve_device(cfg.train.device)
     initial_weights(cfg)

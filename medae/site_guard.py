@@ -3,7 +3,7 @@
 A SuperNode runs the app package (FAB) that the SuperLink hands it, and
 Flower puts the unpacked FAB first on ``sys.path``: a compromised or malicious
 coordinator could ship a ``client/app.py`` and run any code on every
-hospital's machine. medae's own FABs carry no code (`medae.simulate.write_app`:
+hospital's machine. medae's own FABs carry no code (`medae.app_manifest.write_app`:
 a manifest naming the installed ``server.app`` and ``client.app``), so a site
 can refuse every FAB that does:
 

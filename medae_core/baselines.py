@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medae_core import scoring
 from medae_core.bundle import load_bundle
 from medae_core.config import RunConfig
-from medae_core.data import Scan
 from medae_core.privacy import PrivacyLedger
-from medae_core.site import SiteData, SiteTrainer, load_site_data, scored_metrics
+from medae_core.evaluation import LabelledSet, evaluate_model, intensity_metrics
+from medae_core.site import SiteData, SiteTrainer, load_site_data
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +43,7 @@ def pool_sites(data: list[SiteData], name: str = "pooled") -> SiteData:
     )
 
 
-def pooled_test(data: list[SiteData]) -> dict[str, np.ndarray] | None:
-    tests: list[Scan] = [d.test for d in data if d.test is not None and d.test.labels is not None]
-    if not tests:
-        return None
-    images = np.concatenate([t.images for t in tests])
-    labels = np.concatenate([t.labels for t in tests])
-    masks = np.concatenate([t.masks if t.masks is not None else np.zeros(t.images.shape, bool) for t in tests])
-    has_mask = np.concatenate([t.has_mask if t.has_mask is not None else np.zeros(len(t.images), bool)
-                               for t in tests])
-    known = labels >= 0
-    return {"images": images[known], "labels": labels[known], "masks": masks[known], "has_mask": has_mask[known]}
-
-
-def evaluate_model(model, cfg: RunConfig, test: dict, threshold: float | None, device) -> dict:
-    maps, scores = scoring.anomaly_maps(model, test["images"], cfg.scoring, device)
-    return scored_metrics(test["images"], maps, scores, test["labels"], test["masks"], test["has_mask"], threshold)[0]
-
-
-def train_and_evaluate(data: SiteData, cfg: RunConfig, test: dict, ledger_dir: Path) -> dict:
+def train_and_evaluate(data: SiteData, cfg: RunConfig, test: LabelledSet, ledger_dir: Path) -> dict:
     ledger = None
     if cfg.privacy.enabled:
         path = ledger_dir / f"{data.name}-{uuid.uuid4().hex[:6]}.jsonl"
@@ -71,17 +52,17 @@ def train_and_evaluate(data: SiteData, cfg: RunConfig, test: dict, ledger_dir: P
 
     trainer = SiteTrainer(data, cfg, ledger)
     result, _, threshold = train_and_calibrate(trainer, "baseline")
-    out = evaluate_model(trainer.model(result.state_dict), cfg, test, threshold.value, trainer.device)
+    out = evaluate_model(trainer.model(result.state_dict), test, cfg, trainer.device, threshold.value)
     out["epsilon"] = result.epsilon if cfg.privacy.enabled else None
     return out
 
 
 def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: Path | None = None) -> dict:
-    from medae_core.training import resolve_device
+    from medae_core.devices import resolve_device
 
     out_dir = Path(out_dir)
     data = [load_site_data(s, cfg) for s in sites]
-    test = pooled_test(data)
+    test = LabelledSet.pooled([d.test for d in data])
     if test is None:
         log.warning("no site has test labels: baselines need labelled test data")
         return {}
@@ -91,7 +72,7 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
     if federated is not None:
         bundle = load_bundle(federated)
         threshold = bundle.threshold.value if bundle.threshold else None
-        results["federated (exact)"] = evaluate_model(bundle.build_model().to(device), cfg, test, threshold, device)
+        results["federated (exact)"] = evaluate_model(bundle.build_model().to(device), test, cfg, device, threshold)
     pooled = pool_sites(data)
     if cfg.privacy.enabled:
         log.info("baseline: centralized training with DP")
@@ -106,9 +87,7 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
     for site in data:
         log.info("baseline: %s alone", site.name)
         results[f"{site.name} alone"] = train_and_evaluate(site, long, test, out_dir / "ledgers")
-    maps, scores = scoring.intensity_baseline(test["images"], cfg.scoring)
-    results["intensity threshold"] = scored_metrics(test["images"], maps, scores, test["labels"], test["masks"],
-                                                    test["has_mask"], None)[0]
+    results["intensity threshold"] = intensity_metrics(test, cfg)
     return results
 
 

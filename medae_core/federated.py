@@ -39,9 +39,8 @@ from medae_core.scoring import score_bin_index, threshold_from_histogram
 
 STATE = "state.json"
 # Deployment: the coordinator's record of which authenticated node is which site
-# (``RUN/sites.json``), named to the ServerApp by this run config key.
+# (``RUN/sites.json``), named to the ServerApp by the run config (`contract.RUN_SITE_REGISTRY`).
 SITE_REGISTRY = "sites.json"
-SITE_REGISTRY_KEY = "site-registry"
 # Adam's per-coordinate step is at most lr * (1 - beta1) / sqrt(1 - beta2) = 3.16 lr with
 # beta = (0.9, 0.999) (Kingma & Ba 2015, section 2.1); the margin covers float rounding,
 # weight decay and the moving average of the weights.
@@ -179,7 +178,7 @@ def pool_evaluations(
 ) -> dict[str, Any]:
     """Combine per-site evaluation replies into a threshold and pooled metrics.
 
-    Each element holds ``healthy_hist`` and optionally ``image_pos``,
+    Each element holds ``healthy`` and optionally ``image_pos``,
     ``image_neg``, ``pixel_pos``, ``pixel_neg`` (histogram counts).
     ``threshold``: the threshold the sites evaluated at (pixel Dice at it).
     """
@@ -189,7 +188,7 @@ def pool_evaluations(
         return np.sum(arrays, axis=0) if arrays else None
 
     pooled: dict[str, Any] = {}
-    healthy = total("healthy_hist")
+    healthy = total("healthy")
     if healthy is not None and healthy.sum() > 0:
         pooled["threshold"] = float(threshold_from_histogram(healthy, percentile))
         pooled["n_healthy"] = int(healthy.sum())

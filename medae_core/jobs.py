@@ -21,7 +21,9 @@ from medae_core.errors import DataError, NoUsableImagesError
 from medae_core.fileio import output_folder, printable_path, safe_file_name
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.report import write_json
-from medae_core.site import SiteTrainer, evaluate_test, load_site_data, scored_metrics
+from medae_core.evaluation import LabelledSet, evaluate_site, intensity_metrics, judge
+from medae_core.scoring import is_anomalous
+from medae_core.site import SiteTrainer, load_site_data
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,11 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
         "init": result.init,
         "threshold": vars(threshold),
     }
-    if data.test is not None and data.test.labels is not None and (data.test.labels >= 0).any():
-        summary["test"], _ = evaluate_test(trainer.model(result.state_dict), data.test, cfg, trainer.device,
+    test = LabelledSet.of(data.test)
+    if test is not None:
+        summary["test"], _ = evaluate_site(trainer.model(result.state_dict), test, cfg, trainer.device,
                                            threshold.value)
-        summary["baseline_intensity"] = intensity_baseline_metrics(data.test, cfg)
+        summary["baseline_intensity"] = intensity_metrics(test, cfg)
     save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={"site": data.name,
                                                                                    "init": result.init}))
     write_json(run_dir / "metrics.json", summary)
@@ -96,15 +99,6 @@ def train_and_calibrate(trainer: SiteTrainer, run_id: str, progress=None):
     return result, evaluation, threshold
 
 
-def intensity_baseline_metrics(test, cfg: RunConfig) -> dict:
-    """The plain intensity-threshold scorer on the same test images."""
-    known = test.labels >= 0
-    maps, scores = scoring.intensity_baseline(test.images[known], cfg.scoring)
-    masks = test.masks[known] if test.masks is not None else None
-    has_mask = test.has_mask[known] if test.has_mask is not None else np.zeros(int(known.sum()), bool)
-    return scored_metrics(test.images[known], maps, scores, test.labels[known], masks, has_mask, None)[0]
-
-
 def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, heatmaps: bool = True,
                  progress=None) -> dict:
     """Score every usable image under ``input_dir``; write scores.csv, heatmaps and summary.json.
@@ -115,7 +109,7 @@ def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, h
     row's ``heatmap`` column (`fileio.safe_file_name`: any input name, any length).
     """
     from medae_core import figures
-    from medae_core.training import resolve_device
+    from medae_core.devices import resolve_device
 
     input_dir, out = Path(input_dir).absolute(), Path(out).absolute()
     ensure_outside(out, input_dir)
@@ -150,7 +144,7 @@ def _write_scores(path: Path, scan, scores: np.ndarray, threshold: float | None,
         writer = csv.writer(fh)
         writer.writerow(["path", "frame", "score", "anomalous", "heatmap"])
         for i, (entry, score) in enumerate(zip(scan.entries, scores, strict=True)):
-            flag = "" if threshold is None else int(score >= threshold)
+            flag = "" if threshold is None else int(is_anomalous(score, threshold))
             writer.writerow([printable_path(entry.path), "" if entry.frame is None else entry.frame,
                              f"{score:.6g}", flag, f"heatmaps/{heatmaps[i]}" if heatmaps else ""])
 
@@ -160,13 +154,9 @@ def _score_summary(scan, maps: np.ndarray, scores: np.ndarray, threshold: float 
         "images": len(scan.entries),
         "skipped": [{"path": printable_path(s.path), "reason": s.reason} for s in scan.skipped],
         "threshold": threshold,
-        "anomalous": None if threshold is None else int((scores >= threshold).sum()),
+        "anomalous": None if threshold is None else int(is_anomalous(scores, threshold).sum()),
     }
-    if scan.labels is not None and (scan.labels >= 0).any():
-        known = scan.labels >= 0
-        masks = scan.masks[known] if scan.masks is not None else None
-        has_mask = scan.has_mask[known] if scan.has_mask is not None else np.zeros(int(known.sum()), bool)
-        summary["metrics"] = scored_metrics(scan.images[known], maps[known], scores[known], scan.labels[known],
-                                            masks, has_mask, threshold)[0]
+    test = LabelledSet.of(scan)
+    if test is not None:
+        summary["metrics"] = judge(test, maps[test.index], scores[test.index], threshold)
     return summary
-

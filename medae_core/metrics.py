@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from medae_core.scoring import as_stack
+from medae_core.scoring import as_stack, is_anomalous
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def image_rates(scores: Any, labels: Any, threshold: float) -> dict[str, float |
     """Sensitivity (TPR) and false-positive rate of ``score >= threshold``; None where a class is absent."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1)
-    pred = s >= threshold
+    pred = is_anomalous(s, threshold)
     pos, neg = y == 1, y == 0
     return {
         "image_tpr": float(pred[pos].mean()) if pos.any() else None,
@@ -98,6 +98,31 @@ def image_rates(scores: Any, labels: Any, threshold: float) -> dict[str, float |
 # ---------------------------------------------------------------------------
 # pixel level
 # ---------------------------------------------------------------------------
+def evaluated_images(labels: Any, gt_masks: Any, has_mask: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel rule's images: ``(selected [N] bool, gt [N,S,S] bool)``.
+
+    Pixel metrics use every image that has a mask plus every healthy image
+    (label 0), whose mask is all-negative; masks of other images are ignored.
+    The exact metrics here and a site's pooled pixel histograms
+    (`medae_core.evaluation`) both take their pixels from this and `pixel_region`.
+    """
+    n = shape[0]
+    y = np.asarray(labels).reshape(-1)
+    hm = np.zeros(n, dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool).reshape(-1)
+    if gt_masks is None:
+        hm = np.zeros(n, dtype=bool)
+        gt = np.zeros(shape, dtype=bool)
+    else:
+        gt = _binary(gt_masks, "gt_masks", shape).copy()
+    gt[~hm] = False
+    return hm | (y == 0), gt
+
+
+def pixel_region(gt: np.ndarray, fg_masks: Any) -> np.ndarray:
+    """Pixels that count in an image: its foreground plus every lesion pixel (all pixels without a foreground)."""
+    return _region(gt, fg_masks)
+
+
 def _region(gt: np.ndarray, fg_masks: Any) -> np.ndarray:
     if fg_masks is None:
         return np.ones(gt.shape, dtype=bool)
@@ -223,7 +248,7 @@ def dice_at(maps: Any, gt_masks: Any, threshold: float, fg_masks: Any = None) ->
     m = np.nan_to_num(_stack(maps, "maps").astype(np.float32, copy=False))
     gt = _binary(gt_masks, "gt_masks", m.shape)
     region = _region(gt, fg_masks)
-    pred = (m >= threshold) & region
+    pred = is_anomalous(m, threshold) & region
     denom = int(gt[region].sum()) + int(pred.sum())
     if denom == 0:
         log.info("Dice undefined: no lesion pixel and no pixel at or above the threshold")
@@ -285,16 +310,9 @@ def evaluate(
     res["threshold"] = None if threshold is None else float(threshold)
     res.update(image_rates(s, y, threshold) if threshold is not None else {"image_tpr": None, "image_fpr": None})
 
-    hm = np.zeros(n, dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool).reshape(-1)
-    if gt_masks is None:
-        hm = np.zeros(n, dtype=bool)
-        gt = np.zeros(m.shape, dtype=bool)
-    else:
-        gt = _binary(gt_masks, "gt_masks", m.shape).copy()
-    gt[~hm] = False  # healthy images without a mask: all negative
-    sel = hm | (y == 0)
+    sel, gt = evaluated_images(y, gt_masks, has_mask, m.shape)
     res["n_pixel_images"] = int(sel.sum())
-    res["n_pixel_images_with_lesion"] = int((hm & gt.any(axis=(1, 2))).sum())
+    res["n_pixel_images_with_lesion"] = int(gt.any(axis=(1, 2)).sum())
     pix_thr = threshold if pixel_threshold is None else pixel_threshold
     res["pixel_threshold"] = None if pix_thr is None else float(pix_thr)
     pm: dict[str, Any] = {

@@ -113,7 +113,8 @@ def reference_figures(bundle, reference) -> list[str]:
     threshold = bundle.threshold.value if bundle.threshold is not None else None
     truth = ["lesion" if m is not None and m.any() else "healthy" for m in (masks if masks is not None
                                                                             else [None] * len(images))]
-    decision = ["" if threshold is None else ("\n→ anomalous" if s >= threshold else "\n→ normal") for s in scores]
+    decision = ["" if threshold is None else ("\n→ anomalous" if scoring.is_anomalous(s, threshold) else "\n→ normal")
+                for s in scores]
     titles = [f"{t}\nscore {s:.3g}{d}" for t, s, d in zip(truth, scores, decision)]
     rows = [("input", list(images)), ("reconstruction", list(recons)),
             ("anomaly map", list(maps), "inferno")]

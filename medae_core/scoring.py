@@ -62,6 +62,11 @@ SSIM_K2 = 0.03
 _CHUNK = 64
 
 
+def is_anomalous(values: Any, threshold: float) -> np.ndarray:
+    """The decision, for images and pixels alike: ``value >= threshold`` (module docstring)."""
+    return np.asarray(values) >= threshold
+
+
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
@@ -336,15 +341,16 @@ def anomaly_maps(
     device: Any = "cpu",
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    fg_masks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly maps ``[N, S, S]`` (float32) and image scores ``[N]`` for a trained model.
 
     Reconstruct (`run_model`), residual, post-process, aggregate
     (`score_reconstructions`). The KL term is computed only when
     ``cfg.vae_score`` needs it and the model has ``kl_per_sample``; for other
-    models ``vae_score`` is ignored.
+    models ``vae_score`` is ignored. ``fg_masks`` defaults to `foreground_mask`.
     """
-    _, maps, scores = reconstruct_and_score(model, images, cfg, device, batch_size, progress)
+    _, maps, scores = reconstruct_and_score(model, images, cfg, device, batch_size, progress, fg_masks)
     return maps, scores
 
 
@@ -355,13 +361,14 @@ def reconstruct_and_score(
     device: Any = "cpu",
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    fg_masks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`anomaly_maps` with the reconstructions it scored: ``(recons, maps, scores)``, one model pass."""
     need_kl = cfg.vae_score in ("elbo", "kl")
     if need_kl and not hasattr(model, "kl_per_sample"):
         log.info("scoring.vae_score=%s applies to VAEs only; this model is scored on reconstruction", cfg.vae_score)
     recons, kl = run_model(model, images, device, batch_size, with_kl=need_kl, progress=progress)
-    return (recons, *score_reconstructions(images, recons, cfg, kl=kl))
+    return (recons, *score_reconstructions(images, recons, cfg, kl=kl, fg_masks=fg_masks))
 
 
 # ---------------------------------------------------------------------------

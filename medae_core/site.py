@@ -24,18 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medae_core import metrics, scoring
+from medae_core import scoring
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
+from medae_core.evaluation import LabelledSet, evaluate_site
 from medae_core.models import build_model, trainable_mask
 from medae_core.pretrain import initial_weights
 from medae_core.privacy import PrivacyLedger
-from medae_core.training import (
-    evaluate_loss,
-    plan_training,
-    resolve_device,
-    train,
-)
+from medae_core.devices import resolve_device
+from medae_core.training import evaluate_loss, train
+from medae_core.units import plan_training
 
 log = logging.getLogger(__name__)
 
@@ -248,51 +246,7 @@ class SiteTrainer:
         val_loss = evaluate_loss(model, self.data.val_images, self.device, self.cfg.train.batch_size)
         _, healthy = scoring.anomaly_maps(model, self.data.val_images, self.cfg.scoring, self.device)
         result = EvalResult(val_loss=float(val_loss), num_val=len(self.data.val_images), healthy_scores=healthy)
-        test = self.data.test
-        if with_test and test is not None and test.labels is not None and (test.labels >= 0).any():
-            result.test, result.test_histograms = evaluate_test(model, test, self.cfg, self.device, threshold)
+        test = LabelledSet.of(self.data.test) if with_test else None
+        if test is not None:
+            result.test, result.test_histograms = evaluate_site(model, test, self.cfg, self.device, threshold)
         return result
-
-
-def evaluate_test(model, test: Scan, cfg: RunConfig, device, threshold: float | None):
-    """Exact metrics for this site, plus label-split histograms a server can pool."""
-    known = test.labels >= 0
-    images = test.images[known]
-    labels = test.labels[known]
-    masks = test.masks[known] if test.masks is not None else None
-    has_mask = test.has_mask[known] if test.has_mask is not None else np.zeros(len(images), bool)
-    maps, scores = scoring.anomaly_maps(model, images, cfg.scoring, device)
-    result, pixels = scored_metrics(images, maps, scores, labels, masks, has_mask, threshold)
-    histograms = {
-        "image-pos": scoring.score_histogram(scores[labels == 1]),
-        "image-neg": scoring.score_histogram(scores[labels == 0]),
-    }
-    # The intensity-threshold baseline on the same images, so that every result
-    # sits next to it (it needs no model: the image itself is the anomaly map).
-    _, baseline = scoring.intensity_baseline(images, cfg.scoring)
-    result["baseline_image_auroc"] = metrics.image_metrics(baseline, labels)["image_auroc"]
-    histograms["baseline-image-pos"] = scoring.score_histogram(baseline[labels == 1])
-    histograms["baseline-image-neg"] = scoring.score_histogram(baseline[labels == 0])
-    if pixels is not None:
-        values, truth = pixels
-        histograms["pixel-pos"] = scoring.score_histogram(values[truth])
-        histograms["pixel-neg"] = scoring.score_histogram(values[~truth])
-    return result, histograms
-
-
-def scored_metrics(images, maps, scores, labels, masks, has_mask, threshold):
-    """`metrics.evaluate` on the pixels that count, and those pixels (for histograms).
-
-    Pixels that count: the foreground (plus any lesion pixel outside it) of
-    every image with a mask and of every healthy image (all negative). The
-    exact metrics and the pooled histograms use the same pixels.
-    """
-    fg = scoring.foreground_mask(images)
-    result = metrics.evaluate(maps, scores, labels, masks, has_mask, threshold, fg_masks=fg)
-    if masks is None or not has_mask.any():
-        return result, None
-    gt = masks & has_mask[:, None, None]
-    selected = has_mask | (labels == 0)
-    region = (fg | gt)[selected]
-    return result, (maps[selected][region], gt[selected][region])
-

@@ -22,17 +22,16 @@ the name the ClientApp derives from its partition.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from medae_core import contract as c
 from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.federated import (
-    SITE_REGISTRY_KEY,
     RunState,
     check_update,
     pool_evaluations,
@@ -54,8 +53,8 @@ REPLY_TIMEOUT_S = 24 * 3600.0  # a hospital's round can take hours on CPU
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
-    run_dir = Path(str(context.run_config["run-dir"]))
-    registry = str(context.run_config.get(SITE_REGISTRY_KEY, "") or "")
+    run_dir = Path(str(context.run_config[c.RUN_DIR]))
+    registry = str(context.run_config.get(c.RUN_SITE_REGISTRY, "") or "")
     FederatedRun(grid, cfg, run_dir, registry=read_site_registry(Path(registry)) if registry else None).run()
 
 
@@ -109,7 +108,8 @@ class FederatedRun:
 
     # -- one round --------------------------------------------------------------
     def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
-        config = ConfigRecord({"run-id": self.state.run_id, "rounds-left": self.cfg.federation.rounds - rnd + 1})
+        config = ConfigRecord({c.ROUND_RUN_ID: self.state.run_id,
+                               c.ROUND_ROUNDS_LEFT: self.cfg.federation.rounds - rnd + 1})
         messages = self.strategy.configure_train(rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
         sites, accepted = self.site_records(replies, train=True, global_arrays=arrays)
@@ -123,7 +123,7 @@ class FederatedRun:
         return new_arrays, {"train_loss": loss, "sites": sites}
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord, threshold: float | None) -> dict:
-        config = ConfigRecord({} if threshold is None else {"threshold": float(threshold)})
+        config = ConfigRecord({} if threshold is None else {c.ROUND_THRESHOLD: float(threshold)})
         messages = self.strategy.configure_evaluate(rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
         sites, _ = self.site_records(replies, train=False, threshold=threshold)
@@ -158,7 +158,7 @@ class FederatedRun:
                 log.warning("%s: %s", name, reply.error.reason)
                 continue
             try:
-                name = self.name_of(node, str(reply.content["site"]["site"]))
+                name = self.name_of(node, str(reply.content["site"][c.SITE_NAME]))
                 if name in records:
                     raise RejectedReply(name, "a second reply from this site in one round")
                 record = (self.train_record(name, reply, global_state) if train
@@ -194,12 +194,11 @@ class FederatedRun:
     def name_of_error(self, node: int, reason: str) -> str:
         if self.registry is not None:
             return self.registry.get(node, f"node-{node}")
-        # medae sites start their reasons with "site NAME:"; Flower's own errors don't.
-        named = re.match(r"site (\S+): ", reason)
-        return named.group(1) if named else self.site_of_node.get(node, f"node-{node}")
+        # medae sites name themselves in their reasons; Flower's own errors don't.
+        return c.refusing_site(reason) or self.site_of_node.get(node, f"node-{node}")
 
     def train_record(self, name: str, reply: Message, global_state: dict | None) -> dict:
-        unit = str(reply.content["site"]["privacy-unit"])
+        unit = str(reply.content["site"][c.SITE_UNIT])
         m = dict(reply.content["metrics"])
         record = {
             "status": "ok",
@@ -233,14 +232,13 @@ class FederatedRun:
         return record
 
     def eval_record(self, name: str, reply: Message, threshold: float | None = None) -> dict:
-        m = dict(reply.content["metrics"])
-        hist = {k.removesuffix("-hist").replace("-", "_"): v for k, v in m.items() if k.endswith("-hist")}
-        hist["healthy_hist"] = hist.pop("healthy")
+        hist, test = c.split_eval_metrics(dict(reply.content["metrics"]))
+        if "healthy" not in hist:
+            raise RejectedReply(name, "it has no healthy-score histogram")
         for key, counts in hist.items():
             values = np.asarray(counts)
             if values.shape != (N_SCORE_BINS,) or not np.all(np.isfinite(values)) or np.any(values < 0):
                 raise RejectedReply(name, f"its {key} is not {N_SCORE_BINS} non-negative counts")
-        test = {k.replace("-", "_"): v for k, v in m.items() if not k.endswith("-hist")}
         if threshold is not None and "image_pos" in hist and "image_neg" in hist:
             test.update(rates_at_threshold(hist["image_pos"], hist["image_neg"], threshold))
         record = {

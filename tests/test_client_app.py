@@ -13,7 +13,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import (
+from client.app import app
+from medae_core.contract import (
     BUDGET_EXCEEDED,
     EVAL_METRICS,
     NO_USABLE_DATA,
@@ -21,7 +22,6 @@ from client.app import (
     SITE_FIELDS,
     SITE_POLICY,
     TRAIN_METRICS,
-    app,
 )
 from medae_core.models import build_model
 from medae_core.privacy import PrivacyLedger
@@ -99,6 +99,7 @@ def test_train_and_evaluate_replies_carry_only_whitelisted_content(tiny_benchmar
 
     reply = app(_message(tiny_cfg, MessageType.EVALUATE, {"server-round": 1, "threshold": 0.05}), ctx)
     _check_reply(reply, tiny_cfg, EVAL_METRICS, site, with_arrays=False)
+    assert reply.content["site"]["site"] == "hospital-a"  # the evaluate reply names its site too
     assert sum(reply.content["metrics"]["healthy-hist"]) == reply.content["metrics"]["num-examples"]
 
 

@@ -58,7 +58,7 @@ def test_pooled_dice_at_threshold_is_exact_at_a_bin_edge():
         direct = 2 * (pos >= threshold).sum() / ((pos >= threshold).sum() + (neg >= threshold).sum() + len(pos))
         pooled = dice_at_threshold_from_histograms(score_histogram(pos), score_histogram(neg), threshold)
         assert pooled == pytest.approx(direct, rel=1e-12)
-    evals = [{"healthy_hist": score_histogram(neg), "image_pos": score_histogram(pos), "image_neg": score_histogram(neg),
+    evals = [{"healthy": score_histogram(neg), "image_pos": score_histogram(pos), "image_neg": score_histogram(neg),
               "pixel_pos": score_histogram(pos), "pixel_neg": score_histogram(neg)}]
     assert "dice_at_threshold" not in pool_evaluations(evals, 95.0)["test"]
     edge = SCORE_BINS[np.searchsorted(SCORE_BINS, np.median(pos))]  # a bin edge near the positives
@@ -68,7 +68,7 @@ def test_pooled_dice_at_threshold_is_exact_at_a_bin_edge():
 def test_pooled_threshold_matches_percentile_of_pooled_scores():
     rng = np.random.default_rng(2)
     sites = [rng.lognormal(-3 + 0.3 * k, 0.4, size=200 + 50 * k) for k in range(3)]
-    pooled = pool_evaluations([{"healthy_hist": score_histogram(s)} for s in sites], 95.0)
+    pooled = pool_evaluations([{"healthy": score_histogram(s)} for s in sites], 95.0)
     exact = calibrate_threshold(np.concatenate(sites), 95.0)
     assert pooled["n_healthy"] == sum(len(s) for s in sites)
     assert pooled["threshold"] >= exact  # conservative: the bin's upper edge
@@ -78,8 +78,8 @@ def test_pooled_threshold_matches_percentile_of_pooled_scores():
 def test_pool_evaluations_ignores_sites_without_labels():
     pos, neg = _scores()
     evals = [
-        {"healthy_hist": score_histogram(neg), "image_pos": score_histogram(pos), "image_neg": score_histogram(neg)},
-        {"healthy_hist": score_histogram(neg)},
+        {"healthy": score_histogram(neg), "image_pos": score_histogram(pos), "image_neg": score_histogram(neg)},
+        {"healthy": score_histogram(neg)},
     ]
     pooled = pool_evaluations(evals, 95.0)
     assert pooled["test"]["n_images"] == len(pos) + len(neg)

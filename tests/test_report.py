@@ -76,7 +76,7 @@ def _run_metrics(model_auroc_bins: int, cfg) -> dict:
 
     rng = np.random.default_rng(0)
     healthy, sick = rng.normal(0.02, 0.004, 40), rng.normal(0.02 + 0.001 * model_auroc_bins, 0.004, 20)
-    pooled = pool_evaluations([{"healthy_hist": hist(healthy), "image_pos": hist(sick), "image_neg": hist(healthy),
+    pooled = pool_evaluations([{"healthy": hist(healthy), "image_pos": hist(sick), "image_neg": hist(healthy),
                                 "baseline_image_pos": hist(sick * 0.9), "baseline_image_neg": hist(healthy)}],
                               95.0, threshold=0.025)
     sites = {"site-1": {"status": "ok", "epsilon": 4.0, "trained_parameters": 1000, "noise_to_signal": 0.5},

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from medae.deploy import CONNECTION, flower_env, flower_tool, free_port, write_connection
-from medae.simulate import write_app
+from medae.app_manifest import write_app
 from medae.site_guard import FabRefused, check_fab
 
 # The attacker's client/app.py: a valid ClientApp (`flwr run` checks that on the coordinator) that

@@ -10,18 +10,11 @@ from torch import nn
 from medae_core.config import ModelConfig, PrivacyConfig, RunConfig, TrainConfig
 from medae_core.errors import ConfigError, DataError, MedaeError
 from medae_core.models import build_model
-from medae_core.training import (
-    ImageDataset,
-    PatientSliceDataset,
-    evaluate_loss,
-    make_unit_dataset,
-    plan_training,
-    privatized_gradient,
-    reconstruct,
-    resolve_device,
-    resolve_grad_sample_mode,
-    train,
-)
+from medae_core.devices import resolve_device
+from medae_core.dp_step import privatized_gradient, resolve_grad_sample_mode
+from medae_core.scoring import run_model
+from medae_core.training import evaluate_loss, train
+from medae_core.units import ImageDataset, PatientSliceDataset, make_unit_dataset, plan_training
 
 torch.set_num_threads(1)
 
@@ -229,7 +222,7 @@ def test_original_model_keeps_clean_keys_and_can_be_retrained_and_scored(mode):
     assert any(not torch.equal(first.state_dict[k], second.state_dict[k]) for k in keys)
     assert torch.equal(second.state_dict[keys[0]], model.state_dict()[keys[0]])
     assert no_opacus_traces(model)
-    rec = reconstruct(model, images[:3], "cpu")
+    rec, _ = run_model(model, images[:3], "cpu")
     assert rec.shape == (3, 64, 64) and rec.dtype == np.float32
 
 
@@ -357,7 +350,7 @@ def test_opacus_modes_refuse_what_only_book_keeping_does():
 
 
 def test_augmentation_multiplicity_keeps_each_rows_views_together():
-    from medae_core.training import augment_views
+    from medae_core.units import augment_views
 
     x = torch.rand(4, 1, 16, 16)
     views = augment_views(x, 3, torch.Generator().manual_seed(0))
