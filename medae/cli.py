@@ -1,15 +1,15 @@
-"""The `medae` command. It owns presentation (rich tables, progress bars).
+"""The `medae` command: its subcommands and their parser.
 
 Every subcommand builds one `RunConfig` — defaults, then ``--config FILE``,
-then explicit options — and passes it on unchanged.
+then explicit options — and passes it on unchanged. What it shows (consoles,
+progress, tables) is in `medae.console`. About 600 lines, on purpose: each
+command's handler and its options stay in one file, so that the help, the
+examples and what runs are read and tested together (`build_parser`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -18,44 +18,27 @@ from pathlib import Path
 # import time, so it is switched off before anything imports flwr.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from rich.console import Console  # noqa: E402
-from rich.logging import RichHandler  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
+from medae.console import (  # noqa: E402
+    check_data_tables,
+    configure_logging,
+    console,
+    flower_echo,
+    follow_simulation,
+    out,
+    print_json,
+    progress_bar,
+    quiet_flower,
+    results_table,
+)
 from medae.deploy import DEFAULT_PORT  # noqa: E402
 from medae_core.config import IMAGE_SIZES, MODEL_KINDS, RunConfig  # noqa: E402
 from medae_core.errors import MedaeError  # noqa: E402
 
-# No markup in what is printed: paths and reasons such as scans/a[/b] must print as they are;
-# styles are set with style= or Text.
-console = Console(stderr=True, markup=False, width=None if sys.stderr.isatty() else 160)
-# Not a terminal (a log file, a pipe): no 80-column limit that would cut the results table.
-out = Console(markup=False, width=None if sys.stdout.isatty() else 160)
-
-
 # -- helpers ------------------------------------------------------------------------
-@contextlib.contextmanager
-def progress_bar(description: str):
-    """Yield a ``progress(done, total)`` callback drawn as a rich progress bar."""
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        disable=not console.is_terminal and os.environ.get("MEDAE_PROGRESS") != "1",
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
 def load_config(args, overrides: dict) -> RunConfig:
     cfg = RunConfig.load(args.config) if getattr(args, "config", None) else RunConfig()
     cfg = cfg.with_overrides(overrides)
@@ -76,10 +59,6 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
                                     "else CPU)")
 
 
-def print_json(data) -> None:
-    out.print_json(json.dumps(data, default=str))
-
-
 # -- check-data ---------------------------------------------------------------------
 def cmd_check_data(args) -> int:
     from medae_core.data import check_data
@@ -94,33 +73,6 @@ def cmd_check_data(args) -> int:
         if report["skipped"]:
             out.print("--json lists every skipped file with its reason", style="dim")
     return 0 if report["usable_images"] >= 1 else 1
-
-
-def check_data_tables(report: dict):
-    """What a folder holds (per part: train / test, with labels), then why files were skipped, with examples."""
-    from rich.console import Group
-
-    parts = report.get("parts", {})
-    summary = Table(title=f"medae check-data {report['root']}")
-    for col in ("part", "usable images", "patients", "anomalous", "healthy", "unlabelled", "with mask",
-                "files skipped"):
-        summary.add_column(col, justify="left" if col == "part" else "right")
-    for name, part in parts.items():
-        summary.add_row(name, *(str(part.get(k, "–")) for k in ("usable_images", "patients", "anomalous",
-                                                                  "healthy", "unlabelled", "with_mask",
-                                                                  "files_skipped")))
-    formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(report.get("by_format", {}).items())) or "none"
-    summary.caption = f"layout: {report.get('layout', '')} · usable by format: {formats}"
-    if not report["skipped"]:
-        return summary
-    reasons = Table(title="skipped files")
-    reasons.add_column("reason", overflow="fold")
-    reasons.add_column("files", justify="right")
-    reasons.add_column("for example", overflow="fold", no_wrap=False)
-    for reason, n in report.get("skipped_by_reason", {}).items():
-        examples = [sk["path"] for sk in report["skipped"] if sk["reason"].split(": ", 1)[0] == reason][:2]
-        reasons.add_row(reason, str(n), "\n".join(examples))
-    return Group(summary, reasons)
 
 
 # -- make-benchmark -----------------------------------------------------------------
@@ -208,22 +160,6 @@ def cmd_train_local(args) -> int:
     return 0
 
 
-def results_table(rows: dict[str, dict]) -> Table:
-    from medae_core.report import LABELS, RESULT_KEYS
-
-    table = Table(title="test set")
-    table.add_column("scorer")
-    for k in RESULT_KEYS:
-        table.add_column(LABELS[k].replace(" at threshold", "\nat threshold"))
-    for name, values in rows.items():
-        table.add_row(name, *(_fmt((values or {}).get(k)) for k in RESULT_KEYS))
-    return table
-
-
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}"
-
-
 # -- score --------------------------------------------------------------------------
 def cmd_score(args) -> int:
     from medae_core.jobs import score_folder
@@ -270,93 +206,6 @@ def cmd_simulate(args) -> int:
         out.print(warning, style="bold red", soft_wrap=True)
     out.print(f"report: {Path(args.out) / 'report.html'}; model: {Path(args.out) / 'model'}")
     return _exit_if_untrained(metrics)
-
-
-@contextlib.contextmanager
-def follow_simulation(run_dir: Path, cfg: RunConfig):
-    """Live display of a simulation: rounds (with the time left), then each site's steps and ε so far.
-
-    Polls RUN/state.json (the ServerApp rewrites it after every round) and
-    RUN/progress/<site>.json (the simulated ClientApps' steps). Off when the
-    output is not a terminal: a log file gets the ServerApp's one line per round.
-    """
-    if not console.is_terminal and os.environ.get("MEDAE_PROGRESS") != "1":
-        yield
-        return
-    import threading
-
-    from rich.progress import TimeRemainingColumn
-
-    from medae_core.federated import STATE, read_progress
-
-    rounds = cfg.federation.rounds
-    stop = threading.Event()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
-        federation = bar.add_task("federation: starting (data, Ray)", total=rounds, count="")
-        sites: dict[str, int] = {}
-
-        def poll() -> None:
-            while not stop.wait(0.5):
-                try:
-                    state = json.loads((run_dir / STATE).read_text())
-                except (OSError, ValueError):
-                    state = {}
-                done = int(state.get("rounds_done", 0))
-                current = min(done + 1, rounds)
-                spent = {name: s.get("epsilon") for name, s in (state.get("sites") or {}).items()}
-                fractions = []
-                for site, p in read_progress(run_dir).items():
-                    here = p.get("round") == current and done < rounds
-                    frac = (p["done"] / p["total"]) if here and p.get("total") else (1.0 if done >= rounds else 0.0)
-                    fractions.append(frac)
-                    eps = spent.get(site)
-                    label = f"  {site}" + (f" · ε {eps:.2f}" if eps is not None and cfg.privacy.enabled else "")
-                    if site not in sites:
-                        sites[site] = bar.add_task(label, total=1.0, count="")
-                    steps = f"{p['done']}/{p['total']} steps" if here else ("done" if done >= rounds else "waiting")
-                    bar.update(sites[site], completed=frac, description=label, count=steps)
-                training = fractions and done < rounds and min(fractions) < 1.0
-                phase = "training" if training else ("evaluating" if fractions and done < rounds else "")
-                progress_now = done + (sum(fractions) / len(fractions) * 0.8 if fractions and done < rounds else 0)
-                title = (f"federation: round {current}/{rounds} {phase}" if done < rounds
-                         else f"federation: {rounds} rounds done; report")
-                bar.update(federation, completed=min(progress_now, rounds), description=title,
-                           count=f"{done}/{rounds} rounds")
-
-        thread = threading.Thread(target=poll, name="medae-follow", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(5)
-
-
-class _FlowerWarningsOnly(logging.Filter):
-    """On Flower's own console handler: its warnings and errors, not its INFO lines or end-of-run actor notices."""
-
-    def __init__(self, verbose: bool):
-        super().__init__()
-        self.verbose = verbose
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.verbose or (record.levelno >= logging.WARNING and "Manually terminating" not in record.getMessage())
-
-
-def quiet_flower(verbose: bool) -> None:
-    """Flower's console lines: plain text when not a terminal, and without its end-of-run actor notices."""
-    from flwr.common.logger import update_console_handler
-
-    update_console_handler(colored=console.is_terminal)
-    if not console.is_terminal:
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(ClientAppActor pid=...)" prefix, uncoloured
-
-    from flwr.supercore.logger import ConsoleHandler
-
-    for handler in logging.getLogger("flwr").handlers:  # Flower's simulation raises its own level to INFO
-        if isinstance(handler, ConsoleHandler) and not any(isinstance(f, _FlowerWarningsOnly) for f in handler.filters):
-            handler.addFilter(_FlowerWarningsOnly(verbose))
 
 
 def _exit_if_untrained(metrics: dict) -> int:
@@ -462,18 +311,6 @@ def _insecure_warning(args) -> None:
         console.print(Text.assemble(("WARNING ", "bold red"), INSECURE_WARNING), soft_wrap=True, highlight=False)
 
 
-def _flower_echo(verbose: bool):
-    """Flower's own output: every line with -v, else only its warnings and errors."""
-    from rich.text import Text
-
-    def echo(line: str) -> None:
-        if verbose or "ERROR" in line or "WARN" in line:
-            text = Text.from_ansi(line)
-            text.stylize("dim")
-            console.print(text, soft_wrap=True, highlight=False)
-    return echo
-
-
 def cmd_server(args) -> int:
     from medae.deploy import ServerOptions, serve
     from medae_core.report import round_summary
@@ -494,7 +331,7 @@ def cmd_server(args) -> int:
             if record:
                 progress.console.print(f"round {record['round']}/{total}: {round_summary(record)}", highlight=False)
 
-        metrics = serve(cfg, opts, progress=on_round, echo=_flower_echo(args.verbose))
+        metrics = serve(cfg, opts, progress=on_round, echo=flower_echo(args.verbose))
     out.print(results_table({"federated": metrics.get("test"),
                              "intensity threshold": metrics.get("intensity_baseline")}))
     out.print(f"report: {args.out / 'report.html'}; model: {args.out / 'model'}")
@@ -528,7 +365,7 @@ def cmd_client(args) -> int:
                       highlight=False)
         out.print(f"joining {args.server}; only outbound connections; Ctrl-C to leave", highlight=False)
 
-    rc = join(cfg, opts, home=medae_home(), echo=_flower_echo(args.verbose), on_start=on_start)
+    rc = join(cfg, opts, home=medae_home(), echo=flower_echo(args.verbose), on_start=on_start)
     out.print("the SuperNode stopped" + ("" if rc == 0 else f" (exit code {rc})"))
     return rc
 
@@ -737,26 +574,6 @@ def build_parser() -> argparse.ArgumentParser:
 def add_init_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", metavar="BUNDLE", help='starting weights: a `medae pretrain` bundle, "builtin" '
                    '(the public model shipped with medae) or "none" (random)')
-
-
-def configure_logging(verbose: bool) -> None:
-    """medae's own messages at INFO (DEBUG with -v); other libraries only warn.
-
-    Flower logs through its own handler; it is kept from propagating so that
-    its records are not printed twice, and held at WARNING unless -v.
-    """
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
-    level = logging.DEBUG if verbose else logging.INFO
-    for name in ("medae", "medae_core", "server", "client"):
-        logging.getLogger(name).setLevel(level)
-    flwr = logging.getLogger("flwr")
-    flwr.propagate = False
-    flwr.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
