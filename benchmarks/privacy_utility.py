@@ -54,7 +54,8 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
     from medae_core.benchmark import make_benchmark
     from medae_core.bundle import load_bundle
     from medae_core.models import build_model
-    from medae_core.pretrain import initial_weights
+    from medae_core.pretrain import ensure_start
+    from medae_core.starts import initial_weights
     from medae_core.evaluation import LabelledSet, evaluate_model, intensity_metrics
     from medae_core.site import load_site_data
     from medae_core.devices import resolve_device
@@ -75,6 +76,7 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
     result = {"patients_per_site": patients, "train_patients": [d.n_train_patients for d in data],
               "intensity": intensity, "intensity_per_site": per_site_intensity, "by_epsilon": {}}
     # The public start itself (no site data, no ε): what private training must improve on.
+    ensure_start(cfg0)
     state, provenance = initial_weights(cfg0)
     if state is not None:
         start = build_model(cfg0.model)

@@ -89,10 +89,12 @@ def preflight(cfg: RunConfig) -> None:
     The device must exist on this machine, and the starting model must load and
     fit the configured architecture.
     """
-    from medae_core.pretrain import initial_weights
     from medae_core.devices import resolve_device
+    from medae_core.pretrain import ensure_start
+    from medae_core.starts import initial_weights
 
     resolve_device(cfg.train.device)
+    ensure_start(cfg)  # a public model that does not ship is built here, not in every node
     initial_weights(cfg)
 
 

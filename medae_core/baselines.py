@@ -23,9 +23,10 @@ import numpy as np
 
 from medae_core.bundle import load_bundle
 from medae_core.config import RunConfig
+from medae_core.pretrain import ensure_start
 from medae_core.privacy import PrivacyLedger
 from medae_core.evaluation import LabelledSet, evaluate_model, intensity_metrics
-from medae_core.site import SiteData, SiteTrainer, load_site_data
+from medae_core.site import SiteData, SiteTrainer, load_site_data, train_and_calibrate
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ def train_and_evaluate(data: SiteData, cfg: RunConfig, test: LabelledSet, ledger
     if cfg.privacy.enabled:
         path = ledger_dir / f"{data.name}-{uuid.uuid4().hex[:6]}.jsonl"
         ledger = PrivacyLedger.for_config(cfg.privacy, site=data.name, path=path)
-    from medae_core.jobs import train_and_calibrate
-
     trainer = SiteTrainer(data, cfg, ledger)
     result, _, threshold = train_and_calibrate(trainer, "baseline")
     out = evaluate_model(trainer.model(result.state_dict), test, cfg, trainer.device, threshold.value)
@@ -61,6 +60,7 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
     from medae_core.devices import resolve_device
 
     out_dir = Path(out_dir)
+    ensure_start(cfg)
     data = [load_site_data(s, cfg) for s in sites]
     test = LabelledSet.pooled([d.test for d in data])
     if test is None:

@@ -94,3 +94,10 @@ def safe_file_name(path: str, frame: int | None, index: int, limit: int = 120) -
         readable = f"{readable[: limit - 9]}-{digest}"
     suffix = "" if frame is None else f"__{frame:04d}"
     return f"{index:05d}_{readable}{suffix}"
+
+
+def ensure_outside(out: Path, data: Path) -> None:
+    """Refuse an output folder inside a data folder: we never write there."""
+    out, data = Path(out).resolve(), Path(data).resolve()
+    if out == data or data in out.parents:
+        raise DataError(f"output folder {out} is inside the data folder {data}; choose a folder outside it")

@@ -14,31 +14,26 @@ from pathlib import Path
 import numpy as np
 
 from medae_core import scoring
-from medae_core.bundle import Bundle, Threshold, load_bundle, save_bundle
+from medae_core.bundle import Bundle, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.data import scan_folder
-from medae_core.errors import DataError, NoUsableImagesError
-from medae_core.fileio import output_folder, printable_path, safe_file_name
+from medae_core.errors import NoUsableImagesError
+from medae_core.fileio import ensure_outside, output_folder, printable_path, safe_file_name
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.report import write_json
 from medae_core.evaluation import LabelledSet, evaluate_site, intensity_metrics, judge
 from medae_core.scoring import is_anomalous
-from medae_core.site import SiteTrainer, load_site_data
+from medae_core.pretrain import ensure_start
+from medae_core.site import SiteTrainer, load_site_data, train_and_calibrate
 
 log = logging.getLogger(__name__)
-
-
-def ensure_outside(out: Path, data: Path) -> None:
-    """Refuse an output folder inside a data folder: we never write there."""
-    out, data = Path(out).resolve(), Path(data).resolve()
-    if out == data or data in out.parents:
-        raise DataError(f"output folder {out} is inside the data folder {data}; choose a folder outside it")
 
 
 def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | None = None, progress=None) -> dict:
     """Train on one site, calibrate the threshold, evaluate, write the bundle."""
     site, run_dir = Path(site), Path(run_dir)
     ensure_outside(run_dir, site)
+    ensure_start(cfg)
     data = load_site_data(site, cfg)
     ledger = None
     if cfg.privacy.enabled:
@@ -83,20 +78,6 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
                                                                                    "init": result.init}))
     write_json(run_dir / "metrics.json", summary)
     return summary
-
-
-def train_and_calibrate(trainer: SiteTrainer, run_id: str, progress=None):
-    """One training run from ``train.init``, then the threshold from the healthy validation scores."""
-    result = trainer.train_round(None, run_id=run_id, server_round=1, progress=progress)
-    evaluation = trainer.evaluate(result.state_dict, with_test=False)
-    percentile = trainer.cfg.scoring.threshold_percentile
-    threshold = Threshold(
-        value=float(scoring.calibrate_threshold(evaluation.healthy_scores, percentile)),
-        percentile=percentile,
-        n_healthy=len(evaluation.healthy_scores),
-        method="validation-percentile",
-    )
-    return result, evaluation, threshold
 
 
 def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, heatmaps: bool = True,

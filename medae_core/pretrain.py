@@ -1,4 +1,4 @@
-"""Public pretraining (zero ε) and the weights a training run starts from.
+"""Public pretraining (zero ε), and building the public models that runs start from.
 
 Why: under patient-level DP the noise on the averaged gradient is several
 times the clipped signal at hospital sizes (see BENCHMARKS.md). Training from a
@@ -13,40 +13,28 @@ IXI, OASIS or another licensed public collection, never a site's patients. The
 bundle it writes records what it was trained on (`PROVENANCE_KEY`), and every
 run started from it reports that.
 
-``train.init`` says where a run starts (`initial_weights`):
-
-- ``"builtin"`` (default): the public model that ships with medae for the
-  configured model (``medae_core/pretrained/<kind>-<size>/``, made by
-  ``scripts/build_pretrained.sh``); for a model without a shipped one, it is
-  built on first use -- the built-in public set, then `pretrain` -- and cached
-  under ``$MEDAE_HOME/pretrained/``;
-- a path: a bundle from ``medae pretrain`` (or any medae run) with the same
-  architecture;
-- ``""`` / ``"none"``: random initialisation from ``train.seed``.
+Where a run starts (``train.init``) is `medae_core.starts`. A model kind
+without a shipped public model gets one built here on first use
+(`ensure_start`: the built-in public set, then `pretrain`), cached under
+``$MEDAE_HOME/pretrained/``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from medae_core.bundle import Bundle, load_bundle, save_bundle
+from medae_core.bundle import Bundle, save_bundle
 from medae_core.config import RunConfig
-from medae_core.errors import BundleError, ConfigError
-from medae_core.fileio import output_folder
+from medae_core.fileio import ensure_outside, output_folder
+from medae_core.site import SiteTrainer, load_site_data, train_and_calibrate
+from medae_core.starts import BUILTIN, PROVENANCE_KEY, builtin_location, config_hash
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_KEY = "pretrained"
-BUILTIN = "builtin"
-SHIPPED_DIR = Path(__file__).parent / "pretrained"
 # The built-in public set a shipped (or first-use) model is trained on.
 BUILTIN_PUBLIC_PATIENTS = 200
 BUILTIN_PUBLIC_SEED = 0
@@ -55,14 +43,6 @@ BUILTIN_EPOCHS = 30
 # defaults (train.*) never silently changes the public model.
 BUILTIN_TRAIN = {"train.epochs": BUILTIN_EPOCHS, "train.lr": 2e-3, "train.batch_size": 16, "train.seed": 0,
                  "train.weight_decay": 0.0}
-# Model and preprocessing settings that must match between a start and a run.
-_ARCH_KEYS = ("kind", "image_size", "in_channels", "channels", "latent_dim", "groups")
-
-
-def config_hash(cfg: RunConfig) -> str:
-    """SHA-256 (first 16 hex digits) of what fixes a model's weights: model, data and training settings."""
-    key = {s: cfg.to_dict()[s] for s in ("model", "data", "train")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def describe_data(root: Path, n_patients: int) -> str:
@@ -84,9 +64,6 @@ def pretrain(data: Path, out: Path, cfg: RunConfig, *, description: str | None =
     The bundle is complete (threshold from the public validation split), so it
     can be scored directly, used as ``train.init``, or both. Returns a summary.
     """
-    from medae_core.jobs import ensure_outside, train_and_calibrate
-    from medae_core.site import SiteTrainer, load_site_data
-
     data, out = Path(data), Path(out)
     ensure_outside(out, data)
     cfg = cfg.with_overrides({"privacy.enabled": False, "privacy.unit": "image", "train.init": "none",
@@ -105,59 +82,17 @@ def pretrain(data: Path, out: Path, cfg: RunConfig, *, description: str | None =
     return {"out": str(out), "loss": result.loss, "val_loss": evaluation.val_loss, **provenance}
 
 
-# -- where a run starts ------------------------------------------------------------
-def initial_weights(cfg: RunConfig) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
-    """(state dict, provenance) for ``train.init``; (None, None) for a random start."""
-    init = (cfg.train.init or "").strip()
-    if init.lower() in ("", "none", "scratch"):
-        return None, None
-    path = builtin_model(cfg) if init == BUILTIN else Path(init).expanduser()
-    try:
-        bundle = load_bundle(path)
-    except BundleError as exc:
-        raise ConfigError(f"train.init = {init!r}: {exc}") from None
-    check_compatible(bundle.config, cfg, init)
-    provenance = dict(bundle.info.get(PROVENANCE_KEY) or {
-        "data": f"the model bundle at {path} (not made by `medae pretrain`: what it was trained on is unknown)",
-        "config_hash": config_hash(bundle.config),
-    })
-    provenance["init"] = BUILTIN if init == BUILTIN else str(path)
-    return bundle.state_dict, provenance
-
-
-def check_compatible(start: RunConfig, cfg: RunConfig, init: str) -> None:
-    """A start must have the run's architecture; different preprocessing is allowed but warned about."""
-    have, want = start.to_dict()["model"], cfg.to_dict()["model"]
-    diff = _architecture_diff(have, want)
-    if diff:
-        raise ConfigError(
-            f"train.init = {init!r} is a {have['kind']} model at {have['image_size']} px "
-            f"({', '.join(f'{k}={have[k]}' for k in diff)}), but this run trains "
-            f"{', '.join(f'{k}={want[k]}' for k in diff)}; pretrain that model with `medae pretrain`, "
-            "or set train.init = \"none\""
-        )
-    if start.data != cfg.data:
-        log.warning("train.init %s was trained with other [data] (preprocessing) settings than this run", init)
-
-
-def builtin_model(cfg: RunConfig) -> Path:
-    """The shipped public model for ``cfg.model``, or one built now and cached (minutes, once)."""
-    from medae_core.privacy import medae_home
-
-    name = f"{cfg.model.kind}-{cfg.model.image_size}"
-    shipped = SHIPPED_DIR / name
-    if (shipped / "bundle.json").is_file() and not _architecture_diff(
-            json.loads((shipped / "bundle.json").read_text())["config"]["model"], cfg.to_dict()["model"]):
-        return shipped
-    key = hashlib.sha256(json.dumps(cfg.to_dict()["model"], sort_keys=True).encode()).hexdigest()[:12]
-    cached = medae_home() / "pretrained" / f"{name}-{key}"
-    if (cached / "bundle.json").is_file():
-        return cached
-    log.warning("no public model ships for %s; building one now from the built-in public set "
+def ensure_start(cfg: RunConfig) -> None:
+    """Build the public model ``train.init = "builtin"`` needs, when none ships for this model (minutes, once)."""
+    if (cfg.train.init or "").strip() != BUILTIN:
+        return
+    path = builtin_location(cfg)
+    if (path / "bundle.json").is_file():
+        return
+    log.warning("no public model ships for a %s at %d px; building one now from the built-in public set "
                 "(%d patients, %d epochs, no privacy spent; once, cached in %s)",
-                name, BUILTIN_PUBLIC_PATIENTS, BUILTIN_EPOCHS, cached)
-    build_builtin(cfg, cached)
-    return cached
+                cfg.model.kind, cfg.model.image_size, BUILTIN_PUBLIC_PATIENTS, BUILTIN_EPOCHS, path)
+    build_builtin(cfg, path)
 
 
 def build_builtin(cfg: RunConfig, out: Path, work: Path | None = None) -> dict:
@@ -174,8 +109,3 @@ def build_builtin(cfg: RunConfig, out: Path, work: Path | None = None) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary | {"out": str(out)}
-
-
-def _architecture_diff(have: dict, want: dict) -> list[str]:
-    """The architecture keys in which two [model] tables differ."""
-    return [k for k in _ARCH_KEYS if have[k] != want[k]]

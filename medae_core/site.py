@@ -28,9 +28,10 @@ from medae_core import scoring
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
 from medae_core.evaluation import LabelledSet, evaluate_site
+from medae_core.bundle import Threshold
 from medae_core.models import build_model, trainable_mask
-from medae_core.pretrain import initial_weights
 from medae_core.privacy import PrivacyLedger
+from medae_core.starts import initial_weights
 from medae_core.devices import resolve_device
 from medae_core.training import evaluate_loss, train
 from medae_core.units import plan_training
@@ -250,3 +251,17 @@ class SiteTrainer:
         if test is not None:
             result.test, result.test_histograms = evaluate_site(model, test, self.cfg, self.device, threshold)
         return result
+
+
+def train_and_calibrate(trainer: SiteTrainer, run_id: str, progress=None):
+    """One training run from ``train.init``, then the threshold from the healthy validation scores."""
+    result = trainer.train_round(None, run_id=run_id, server_round=1, progress=progress)
+    evaluation = trainer.evaluate(result.state_dict, with_test=False)
+    percentile = trainer.cfg.scoring.threshold_percentile
+    threshold = Threshold(
+        value=float(scoring.calibrate_threshold(evaluation.healthy_scores, percentile)),
+        percentile=percentile,
+        n_healthy=len(evaluation.healthy_scores),
+        method="validation-percentile",
+    )
+    return result, evaluation, threshold

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medae_core.config import RunConfig  # noqa: E402
-from medae_core.pretrain import SHIPPED_DIR, build_builtin  # noqa: E402
+from medae_core.pretrain import build_builtin  # noqa: E402
+from medae_core.starts import SHIPPED_DIR  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -39,7 +39,7 @@ from medae_core.federated import (
     read_site_registry,
 )
 from medae_core.models import build_model
-from medae_core.pretrain import initial_weights
+from medae_core.starts import initial_weights
 from medae_core.report import reference_images, round_summary, write_metrics, write_report
 from medae_core.scoring import N_SCORE_BINS
 from server.strategy import build_strategy

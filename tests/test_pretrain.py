@@ -9,7 +9,8 @@ import torch
 from medae_core.benchmark import make_benchmark
 from medae_core.bundle import load_bundle
 from medae_core.errors import ConfigError
-from medae_core.pretrain import PROVENANCE_KEY, config_hash, initial_weights, pretrain
+from medae_core.pretrain import pretrain
+from medae_core.starts import PROVENANCE_KEY, config_hash, initial_weights
 
 torch.set_num_threads(1)
 
@@ -90,7 +91,7 @@ def test_a_start_of_another_architecture_is_refused_clearly(public_model):
 
 def test_the_shipped_public_model_matches_the_default_configuration():
     from medae_core.config import RunConfig
-    from medae_core.pretrain import SHIPPED_DIR, builtin_model
+    from medae_core.starts import SHIPPED_DIR, builtin_model
 
     cfg = RunConfig()
     assert cfg.train.init == "builtin"

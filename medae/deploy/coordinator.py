@@ -288,6 +288,9 @@ class Coordinator:
 
 def serve(cfg: RunConfig, opts: ServerOptions, *, progress=None, echo=None) -> dict:
     """Start everything, run the federation to its end (the ServerApp writes RUN/), stop everything; the metrics."""
+    from medae_core.pretrain import ensure_start
+
+    ensure_start(cfg)  # a public model that does not ship is built before any site waits for round 1
     with Coordinator(cfg, opts, progress=progress, echo=echo) as coordinator:
         coordinator.start()
         coordinator.launch()
