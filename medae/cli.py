@@ -178,6 +178,40 @@ def cmd_score(args) -> int:
     return 0
 
 
+# -- encode, decode, sample ---------------------------------------------------------
+def cmd_encode(args) -> int:
+    from medae_core.latent import encode_folder
+
+    with progress_bar("encoding") as progress:
+        summary = encode_folder(args.model, args.input, args.out, device=args.device, progress=progress)
+    out.print(f"encoded {summary['images']} images into {summary['latent_dim']}-dimensional codes → "
+              f"{Path(args.out) / 'codes.npz'} (rows in manifest.csv)")
+    if summary["skipped"]:
+        out.print(f"{len(summary['skipped'])} files skipped (reasons in summary.json)", style="yellow")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from medae_core.latent import decode_codes
+
+    with progress_bar("decoding") as progress:
+        summary = decode_codes(args.model, args.codes, args.out, device=args.device, progress=progress)
+    out.print(f"decoded {summary['images']} codes → {args.out}")
+    if not summary["codes_from_this_model"]:
+        out.print("these codes were not encoded by this model (another model hash): the images show what this "
+                  "model makes of them", style="yellow", soft_wrap=True)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from medae_core.latent import sample_images
+
+    summary = sample_images(args.model, args.n, args.out, seed=args.seed, fmt=args.format, device=args.device)
+    out.print(f"generated {summary['images']} synthetic images ({summary['format']}, seed {summary['seed']}) → "
+              f"{args.out}; {summary['privacy']}")
+    return 0
+
+
 # -- simulate -----------------------------------------------------------------------
 def cmd_simulate(args) -> int:
     from medae.simulate import prepare_and_run
@@ -469,6 +503,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of images to score (read only); a labels.csv there adds metrics")
     p.add_argument("--out", type=Path, required=True, help="output folder, replaced only when complete")
     p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv and summary.json only")
+    add_device_option(p)
+
+    p = _command(sub, "encode", "latent codes of every image in a folder (features, compression)",
+                 "medae encode --model runs/simulate --input /data/scans --out runs/codes", cmd_encode)
+    p.add_argument("--model", type=Path, required=True, help="run folder or model bundle")
+    p.add_argument("--input", type=Path, required=True, help="folder of images to encode (read only)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: codes.npz, manifest.csv, summary.json; replaced only when complete")
+    add_device_option(p)
+
+    p = _command(sub, "decode", "images from latent codes written by `medae encode`",
+                 "medae decode --model runs/simulate --codes runs/codes --out runs/decoded", cmd_decode)
+    p.add_argument("--model", type=Path, required=True, help="run folder or model bundle (the one that encoded)")
+    p.add_argument("--codes", type=Path, required=True, help="the folder `medae encode` wrote, or its codes.npz")
+    p.add_argument("--out", type=Path, required=True, help="output folder of PNG images, replaced only when complete")
+    add_device_option(p)
+
+    p = _command(sub, "sample", "new synthetic images from a VAE (spends no ε)",
+                 "medae sample --model runs/vae --n 100 --out runs/samples --format dicom --seed 1", cmd_sample)
+    p.add_argument("--model", type=Path, required=True, help="run folder or bundle of a VAE (model.kind = vae)")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--out", type=Path, required=True, help="output folder, replaced only when complete")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--format", choices=("png", "dicom"), default="png",
+                   help="png, or dicom (Secondary Capture marked synthetic, no site identifier)")
     add_device_option(p)
 
     p = _command(sub, "simulate", "simulate a whole federation on this machine (Flower + Ray)",
