@@ -1,5 +1,8 @@
 """Built-in synthetic brain-MRI anomaly benchmark, written as real DICOM (no download).
 
+About 850 lines, on purpose: one pipeline (anatomy → scanner appearance → lesions →
+DICOM files and labels) whose parameters are tuned against each other and read together.
+
 Design in a few lines:
 
 * Anatomy comes from the MNI152 2009 T1 template and its white-matter and brain masks

@@ -1,5 +1,8 @@
 """Autoencoder models for anomaly detection, all trainable with Opacus DP-SGD.
 
+About 500 lines: four kinds on one shared encoder/decoder, and the trainable-parameter
+selection that needs their layer names.
+
 `build_model(cfg, seed=...)` returns an `AnomalyModel`. Four kinds share one
 convolutional encoder/decoder and one interface:
 

@@ -1,5 +1,8 @@
 """Anomaly maps, image scores and threshold calibration.
 
+About 500 lines: every step from a reconstruction to a decision (residuals, foreground,
+post-processing, aggregation, thresholds, histogram bins) shares the conventions below.
+
 Everything here works on numpy arrays ``[N, S, S]`` of images normalised to
 about [0, 1] (as `medae_core.data` reads them). The only function
 that touches a model is `run_model`; `anomaly_maps` composes it with the pure

@@ -1,5 +1,8 @@
 """Scan data folders into arrays, apply the site layout, split by patient.
 
+About 500 lines: the scan, the layout and labels.csv rules, and the patient split are one
+path from a folder to arrays, and the skip reasons travel along all of it.
+
 A `Scan` is everything one folder gave: the images at model size, where each
 came from, which patient it belongs to, and every file that was left out with
 the reason. Nothing is ever written into the scanned folder.

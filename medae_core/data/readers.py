@@ -1,5 +1,8 @@
 """Read one file into normalised 2-D float32 slices, or say why it cannot be used.
 
+About 550 lines: one reader per format (DICOM with its transfer syntaxes, NIfTI, raster),
+each with its decoded-size check before decoding; they share the `Slice` type and the error mapping.
+
 Every reader returns a list of `Slice` objects whose ``image`` is a 2-D float32
 array in [0, 1] at the file's own resolution; `to_square` brings slices to the
 model's size afterwards. A file that cannot be used raises `UnusableFile` with a
