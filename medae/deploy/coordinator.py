@@ -290,8 +290,9 @@ def serve(cfg: RunConfig, opts: ServerOptions, *, progress=None, echo=None) -> d
     """Start everything, run the federation to its end (the ServerApp writes RUN/), stop everything; the metrics."""
     from medae_core.pretrain import ensure_start
 
-    ensure_start(cfg)  # a public model that does not ship is built before any site waits for round 1
     with Coordinator(cfg, opts, progress=progress, echo=echo) as coordinator:
         coordinator.start()
+        # A public model that does not ship is built now, while sites connect, before the ServerApp needs it.
+        ensure_start(cfg)
         coordinator.launch()
         return coordinator.wait()
