@@ -173,6 +173,8 @@ def cmd_score(args) -> int:
     out.print(msg)
     if summary["skipped"]:
         out.print(f"{len(summary['skipped'])} files skipped (reasons in summary.json)", style="yellow")
+    for warning in summary.get("warnings", []):
+        out.print(Text.assemble(("warning: ", "bold yellow"), warning), soft_wrap=True)
     if "metrics" in summary:
         out.print(results_table({"model": summary["metrics"]}))
     return 0

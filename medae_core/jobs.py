@@ -16,7 +16,7 @@ import numpy as np
 from medae_core import scoring
 from medae_core.bundle import Bundle, load_bundle, save_bundle
 from medae_core.config import RunConfig
-from medae_core.data import scan_folder
+from medae_core.data import input_warnings, scan_folder
 from medae_core.errors import NoUsableImagesError
 from medae_core.fileio import ensure_outside, output_folder, printable_path, safe_file_name
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
@@ -74,8 +74,8 @@ def train_local(site: Path, run_dir: Path, cfg: RunConfig, ledger_path: Path | N
         summary["test"], _ = evaluate_site(trainer.model(result.state_dict), test, cfg, trainer.device,
                                            threshold.value)
         summary["baseline_intensity"] = intensity_metrics(test, cfg)
-    save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={"site": data.name,
-                                                                                   "init": result.init}))
+    save_bundle(run_dir / "model", Bundle(cfg, result.state_dict, threshold, info={
+        "site": data.name, "init": result.init, "inputs": data.inputs}))
     write_json(run_dir / "metrics.json", summary)
     return summary
 
@@ -116,8 +116,34 @@ def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, h
                 if progress:
                     progress(i + 1, len(names))
         summary = _score_summary(scan, maps, scores, threshold)
+        summary["warnings"] = input_mismatch(bundle, scan, scores, threshold)
         write_json(stage / "summary.json", summary)
     return summary
+
+
+# Half the input scoring at this multiple of the threshold or more: data unlike the training data.
+FAR_SCORE_FACTOR = 2.0
+
+
+def input_mismatch(bundle: Bundle, scan, scores: np.ndarray, threshold: float | None) -> list[str]:
+    """Why this input looks unlike what the bundle was trained on.
+
+    - Its DICOM modality or photometric interpretation, against the kinds the
+      bundle recorded (train-local and pretrain bundles; a federated bundle
+      records none, since the sites' data never reach the coordinator).
+    - Its scores: when the median image scores at `FAR_SCORE_FACTOR` times the
+      threshold or more, the images are far from anything the model learned
+      (another modality, contrast or intensity range), lesions or not.
+    """
+    trained = bundle.info.get("inputs") or (bundle.info.get("pretrained") or {}).get("inputs")
+    warnings = input_warnings(trained, scan.input_kinds())
+    if threshold is not None and threshold > 0 and len(scores):
+        median = float(np.median(scores))
+        if median >= FAR_SCORE_FACTOR * threshold:
+            warnings.append(f"the median image scores {median / threshold:.1f}× the threshold ({median:.4g} "
+                            f"against {threshold:.4g}): these images are far from what the model was trained on "
+                            "(modality, contrast or intensity range?); check the input before reading the scores")
+    return warnings
 
 
 def _write_scores(path: Path, scan, scores: np.ndarray, threshold: float | None, heatmaps: list[str] | None) -> None:

@@ -77,6 +77,7 @@ def pretrain(data: Path, out: Path, cfg: RunConfig, *, description: str | None =
         "epochs": cfg.train.epochs,
         "config_hash": config_hash(cfg),
         "privacy": "none (public data)",
+        "inputs": site.inputs,
     }
     save_bundle(out, Bundle(cfg, result.state_dict, threshold, info={PROVENANCE_KEY: provenance}))
     return {"out": str(out), "loss": result.loss, "val_loss": evaluation.val_loss, **provenance}

@@ -50,6 +50,7 @@ class SiteData:
     val_images: np.ndarray
     test: Scan | None
     skipped: int  # files the loader could not use (reasons stay on site)
+    inputs: dict = field(default_factory=dict)  # `Scan.input_kinds` of the training images
 
     @property
     def n_train_patients(self) -> int:
@@ -81,6 +82,7 @@ def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: 
         val_images=scan.images[val_idx],
         test=site.test,
         skipped=skipped,
+        inputs=scan.input_kinds(),
     )
 
 

@@ -94,3 +94,33 @@ def test_sample_refuses_a_model_without_a_prior(tiny_cfg, tmp_path, capsys, kind
     assert main(["sample", "--model", str(tmp_path / "model"), "--n", "2", "--out", str(tmp_path / "s")]) == 2
     assert "needs a VAE" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_score_warns_when_the_input_is_another_modality_or_far_from_the_training_data(tiny_benchmark, tiny_cfg,
+                                                                                         tmp_path):
+    import json
+
+    from medae_core.bundle import Threshold
+
+    mr = tiny_benchmark / "site-1" / "test"
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    for f in sorted(p for p in mr.rglob("*.dcm"))[:4]:
+        ds = pydicom.dcmread(f)
+        ds.Modality = "CT"
+        ds.save_as(ct / f.name)
+    trained = {"format": ["dicom"], "modality": ["MR"], "photometric": ["MONOCHROME2"]}
+    state = build_model(tiny_cfg.model, seed=3).state_dict()
+
+    def score(threshold, folder, out):
+        save_bundle(tmp_path / "model", Bundle(tiny_cfg, state, Threshold(threshold, 95.0, 10, "validation-percentile"),
+                                               info={"inputs": trained}))
+        assert main(["score", "--model", str(tmp_path / "model"), "--input", str(folder), "--out", str(out),
+                     "--no-heatmaps"]) == 0
+        return json.loads((out / "summary.json").read_text())["warnings"]
+
+    assert score(1e9, mr, tmp_path / "s1") == []  # the training kind, scores well below the threshold
+    (warning,) = score(1e9, ct, tmp_path / "s2")
+    assert "modality CT" in warning and "trained on MR" in warning
+    (warning,) = score(1e-9, mr, tmp_path / "s3")
+    assert "median image scores" in warning and "× the threshold" in warning

@@ -50,6 +50,8 @@ class ImageEntry:
     frame: int | None  # frame / slice / page index; None for single images
     patient: str
     format: str = ""  # "dicom", "nifti" or "raster"
+    modality: str = ""  # DICOM Modality; "" for other formats
+    photometric: str = ""  # DICOM PhotometricInterpretation; "" for other formats
 
 
 @dataclass
@@ -81,6 +83,18 @@ class Scan:
 
     def skipped_by_reason(self) -> dict[str, int]:
         return count_reasons(self.skipped)
+
+    def input_kinds(self) -> dict[str, list[str]]:
+        """What kinds of image the scan holds: file formats, DICOM modalities and photometric interpretations.
+
+        Categories only (no counts, no values from the pixels): a bundle keeps them so that `medae score`
+        can say when its input is of another kind (`input_warnings`).
+        """
+        return {
+            "format": sorted({e.format for e in self.entries if e.format}),
+            "modality": sorted({e.modality for e in self.entries if e.modality}),
+            "photometric": sorted({e.photometric for e in self.entries if e.photometric}),
+        }
 
 
 @dataclass
@@ -313,7 +327,7 @@ class _ScanBuilder:
         masks = self._masks_for(row, read) if row and row.mask else None
         for i, s in enumerate(read.slices):
             self.images.append(s.image)
-            self.entries.append(ImageEntry(rel, s.frame, s.patient, read.format))
+            self.entries.append(ImageEntry(rel, s.frame, s.patient, read.format, s.modality, s.photometric))
             self.label_values.append(row.label if row else -1)
             self.masks.append(to_square(masks[i], self.size) if masks else None)
 
@@ -454,6 +468,19 @@ def _no_images_message(scan: Scan) -> str:
 
 
 # -- splitting ---------------------------------------------------------------------
+def input_warnings(trained: dict | None, found: dict) -> list[str]:
+    """Why an input looks unlike what a model was trained on (DICOM modality, photometric interpretation)."""
+    if not trained:
+        return []
+    out = []
+    for key, what in (("modality", "modality"), ("photometric", "photometric interpretation")):
+        known, seen = set(trained.get(key) or ()), set(found.get(key) or ())
+        if known and seen - known:
+            out.append(f"the input holds {what} {', '.join(sorted(seen - known))}; the model was trained on "
+                       f"{', '.join(sorted(known))}: its scores there mean little")
+    return out
+
+
 def split_patients(scan: Scan, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Image indices (train, validation), split by patient so no patient is on both sides.
 

@@ -105,6 +105,8 @@ class Slice:
     image: np.ndarray  # [H, W] float32 in [0, 1]
     frame: int | None  # DICOM frame / NIfTI axial slice / TIFF page; None for single images
     patient: str
+    modality: str = ""  # DICOM Modality (MR, CT, ...); "" for other formats
+    photometric: str = ""  # DICOM PhotometricInterpretation; "" for other formats
 
 
 # -- dispatch -----------------------------------------------------------------
@@ -259,8 +261,9 @@ def _read_dicom(path: Path, rel: str, data: DataConfig) -> list[Slice]:
         log.debug("%s: %s", rel, w.message)
     multi = len(images) > 1
     patient = _dicom_patient(ds, rel)
+    modality, photometric = str(ds.get("Modality", "") or ""), str(ds.get("PhotometricInterpretation", "") or "")
     slices = [
-        Slice(img, i if multi else None, patient)
+        Slice(img, i if multi else None, patient, modality, photometric)
         for i, (img, raw) in enumerate(zip(images, frames))
         if raw.max() > raw.min()
     ]
