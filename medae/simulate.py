@@ -92,8 +92,10 @@ def preflight(cfg: RunConfig) -> None:
     from medae_core.devices import resolve_device
     from medae_core.pretrain import ensure_start
     from medae_core.starts import initial_weights
+    from medae_core.tracking import check_tracking
 
     resolve_device(cfg.train.device)
+    check_tracking(cfg)
     ensure_start(cfg)  # a public model that does not ship is built here, not in every node
     initial_weights(cfg)
 

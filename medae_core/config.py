@@ -186,6 +186,15 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking with a researcher's own tools: off by default, local files only, no network."""
+
+    # Round metrics (losses, pooled AUROC and its baseline, threshold, each site's ε) and the
+    # report's figures as TensorBoard events in RUN/tensorboard/ (needs the tensorboard package).
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -193,6 +202,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # -- construction -------------------------------------------------------
     @classmethod

@@ -8,7 +8,9 @@ benchmark's generator). Curves come from pooled histogram counts.
 
 from __future__ import annotations
 
+import base64
 import html
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,15 @@ def _img(png: bytes, alt: str) -> str:
     from medae_core import figures  # matplotlib: only when a report is drawn
 
     return f'<img alt="{html.escape(alt)}" src="{figures.to_data_uri(png)}">'
+
+
+_IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+def report_figures(report: Path) -> list[tuple[str, bytes]]:
+    """The figures of a written report, as (caption, PNG bytes): what `_img` embedded."""
+    text = Path(report).read_text(encoding="utf-8")
+    return [(html.unescape(alt), base64.b64decode(data)) for alt, data in _IMG.findall(text)]
 
 
 RESULT_KEYS = ("image_auroc", "image_auprc", "sensitivity", "specificity", "pixel_auroc", "pixel_auprc",

@@ -40,8 +40,9 @@ from medae_core.federated import (
 )
 from medae_core.models import build_model
 from medae_core.starts import initial_weights
-from medae_core.report import reference_images, round_summary, write_metrics, write_report
+from medae_core.report import reference_images, report_figures, round_summary, write_metrics, write_report
 from medae_core.scoring import N_SCORE_BINS
+from medae_core.tracking import RunTracker
 from server.strategy import build_strategy
 
 log = logging.getLogger("medae.server")
@@ -83,6 +84,13 @@ class FederatedRun:
         return ArrayRecord(state_dict)
 
     def run(self) -> None:
+        tracker = RunTracker(self.run_dir, self.cfg)
+        try:
+            self._run(tracker)
+        finally:
+            tracker.close()
+
+    def _run(self, tracker: RunTracker) -> None:
         rounds = self.cfg.federation.rounds
         arrays = self.initial_arrays()
         threshold = self.state.rounds[-1].get("threshold") if self.state.rounds else None
@@ -96,14 +104,16 @@ class FederatedRun:
             self.state.rounds.append(record)
             self.state.rounds_done = rnd
             self.save(arrays, threshold)
+            tracker.log_round(record)
             log.info("round %d/%d done: %s", rnd, rounds, round_summary(record))
         if threshold is not None and self.state.rounds:
             # Final pass at the final threshold: Dice and decisions at that threshold.
             final = self.evaluate_round(rounds, arrays, threshold)
             self.state.rounds[-1]["final"] = final
             self.save(arrays, threshold)
-        write_report(self.run_dir, self.metrics(), load_bundle(self.run_dir / "model"),
-                     reference=reference_images(self.cfg))
+        report = write_report(self.run_dir, self.metrics(), load_bundle(self.run_dir / "model"),
+                              reference=reference_images(self.cfg))
+        tracker.log_figures(report_figures(report), rounds)
         log.info("run %s complete: %s", self.state.run_id, self.run_dir)
 
     # -- one round --------------------------------------------------------------

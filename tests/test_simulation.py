@@ -23,7 +23,8 @@ def simulated(tiny_benchmark, tmp_path_factory):
     from tests.test_cli import _write_config
 
     tmp = tmp_path_factory.mktemp("sim")
-    config = _write_config(tmp, TINY | {"privacy.noise_multiplier": 1.0, "privacy.budget_epsilon": 200.0})
+    config = _write_config(tmp, TINY | {"privacy.noise_multiplier": 1.0, "privacy.budget_epsilon": 200.0,
+                                        "tracking.tensorboard": True})
     run = tmp / "run"
     # Site 3 has spent all but a sliver of its budget in earlier work.
     ledger = PrivacyLedger.open(run / "ledgers" / "site-3.jsonl", site="site-3", budget_epsilon=200.0, delta=1e-5,
@@ -71,6 +72,22 @@ def test_resume_continues_rounds_and_privacy_spending(simulated):
     eps2 = metrics["rounds"][1]["sites"]["site-1"]["epsilon"]
     assert eps2 > eps1
     assert eps2 == pytest.approx(PrivacyLedger.open(run / "ledgers" / "site-1.jsonl").epsilon())
+
+
+def test_tensorboard_has_every_round_and_the_report_figures(simulated):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _, metrics = simulated
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/train", "loss/validation", "threshold", "epsilon/site-1"} <= set(tags["scalars"])
+    rounds = [e.step for e in events.Scalars("epsilon/site-1")]
+    assert rounds == [1, 2]  # the first run's round and the resumed one's
+    eps = [e.value for e in events.Scalars("epsilon/site-1")]
+    assert eps[-1] == pytest.approx(metrics["rounds"][-1]["sites"]["site-1"]["epsilon"], rel=1e-6)
+    assert "epsilon/site-3" not in tags["scalars"]  # the refused site spent nothing here
+    assert any(t.startswith("report/") for t in tags["images"])
 
 
 def test_bundle_and_report_are_written_and_score_reads_the_bundle(simulated, tiny_benchmark, tmp_path):

@@ -289,7 +289,9 @@ class Coordinator:
 def serve(cfg: RunConfig, opts: ServerOptions, *, progress=None, echo=None) -> dict:
     """Start everything, run the federation to its end (the ServerApp writes RUN/), stop everything; the metrics."""
     from medae_core.pretrain import ensure_start
+    from medae_core.tracking import check_tracking
 
+    check_tracking(cfg)
     with Coordinator(cfg, opts, progress=progress, echo=echo) as coordinator:
         coordinator.start()
         # A public model that does not ship is built now, while sites connect, before the ServerApp needs it.
