@@ -181,6 +181,17 @@ def cmd_score(args) -> int:
 
 
 # -- encode, decode, sample ---------------------------------------------------------
+def cmd_denoise(args) -> int:
+    from medae_core.denoise import denoise_folder
+
+    with progress_bar("denoising") as progress:
+        summary = denoise_folder(args.model, args.input, args.out, device=args.device, progress=progress)
+    out.print(f"wrote {summary['files_written']} denoised files → {args.out}")
+    if summary["skipped"]:
+        out.print(f"{len(summary['skipped'])} files skipped (reasons in summary.json)", style="yellow")
+    return 0
+
+
 def cmd_encode(args) -> int:
     from medae_core.latent import encode_folder
 
@@ -505,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of images to score (read only); a labels.csv there adds metrics")
     p.add_argument("--out", type=Path, required=True, help="output folder, replaced only when complete")
     p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv and summary.json only")
+    add_device_option(p)
+
+    p = _command(sub, "denoise", "the model's clean reconstruction of every image, in the input's format and units",
+                 "medae denoise --model runs/dae --input /data/noisy-scans --out runs/denoised", cmd_denoise)
+    p.add_argument("--model", type=Path, required=True, help="run folder or model bundle (a DAE denoises best)")
+    p.add_argument("--input", type=Path, required=True, help="folder of images (read only)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (DICOM stays DICOM, other images become PNG), replaced only when complete")
     add_device_option(p)
 
     p = _command(sub, "encode", "latent codes of every image in a folder (features, compression)",

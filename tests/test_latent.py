@@ -124,3 +124,65 @@ def test_score_warns_when_the_input_is_another_modality_or_far_from_the_training
     assert "modality CT" in warning and "trained on MR" in warning
     (warning,) = score(1e-9, mr, tmp_path / "s3")
     assert "median image scores" in warning and "× the threshold" in warning
+
+
+def test_denoise_keeps_dicom_geometry_and_marks_the_output_derived(tiny_benchmark, tiny_cfg, tmp_path):
+    _bundle(tiny_cfg, "dae", tmp_path / "model")
+    images = tiny_benchmark / "site-1" / "test"
+    before = _tree_digest(images)
+    assert main(["denoise", "--model", str(tmp_path / "model"), "--input", str(images),
+                 "--out", str(tmp_path / "clean")]) == 0
+    inputs = sorted(images.rglob("*.dcm"))
+    outputs = sorted((tmp_path / "clean").rglob("*.dcm"))
+    assert [p.relative_to(tmp_path / "clean") for p in outputs] == [p.relative_to(images) for p in inputs]
+    for src, dst in zip(inputs, outputs, strict=True):
+        a, b = pydicom.dcmread(src), pydicom.dcmread(dst)
+        assert (b.Rows, b.Columns, list(b.PixelSpacing)) == (a.Rows, a.Columns, list(a.PixelSpacing))
+        assert b.PatientID == a.PatientID and b.pixel_array.dtype == a.pixel_array.dtype
+        assert b.SOPInstanceUID != a.SOPInstanceUID and b.SeriesInstanceUID != a.SeriesInstanceUID
+        assert list(b.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "medae" in b.SeriesDescription
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in outputs}) == len(
+        {pydicom.dcmread(p).SeriesInstanceUID for p in inputs})  # one new series per input series
+    assert _tree_digest(images) == before
+
+
+def test_the_intensity_map_back_restores_stored_units(tiny_benchmark, tiny_cfg):
+    from pydicom.pixels import apply_modality_lut
+
+    from medae_core.data import read_file
+    from medae_core.denoise import back_to_units, to_matrix
+
+    path = sorted((tiny_benchmark / "site-1" / "train").rglob("*.dcm"))[0]
+    (s,) = read_file(path, path.name, tiny_cfg.data)
+    ds = pydicom.dcmread(path)
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    restored = back_to_units(s.image, values, s.image)  # the reader's own image maps back to the file's units
+    inside = (s.image > 0.01) & (s.image < 0.99)
+    assert np.abs(restored - values)[inside].max() <= 1e-3 * (values.max() - values.min())
+    square = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    assert to_matrix(square, (64, 40)).shape == (64, 40)
+    assert back_to_units(np.zeros((8, 8)), np.zeros((8, 8)), np.zeros((8, 8))) is None  # nothing to fit
+
+
+def test_denoise_writes_png_for_raster_input_and_skips_nifti_with_its_reason(tiny_cfg, tmp_path):
+    import json
+
+    from PIL import Image
+
+    _bundle(tiny_cfg, "ae", tmp_path / "model")
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((80, 60)) * 200 + 20).astype(np.uint8), mode="L").save(src / "a.png")
+    Image.fromarray((rng.random((50, 50)) * 4000 + 100).astype(np.uint16)).save(src / "deep.png")
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(rng.random((20, 20, 4)).astype(np.float32), np.eye(4)), src / "v.nii.gz")
+    assert main(["denoise", "--model", str(tmp_path / "model"), "--input", str(src),
+                 "--out", str(tmp_path / "clean")]) == 0
+    a, deep = Image.open(tmp_path / "clean" / "a.png"), Image.open(tmp_path / "clean" / "deep.png")
+    assert a.size == (60, 80) and a.mode == "L"
+    assert deep.size == (50, 50) and np.asarray(deep).dtype == np.uint16
+    summary = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    assert summary["files_written"] == 2
+    assert any(s["path"] == "v.nii.gz" and "NIfTI output" in s["reason"] for s in summary["skipped"])

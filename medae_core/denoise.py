@@ -1,0 +1,176 @@
+"""`medae denoise`: the model's clean reconstruction of every image, in the input's own format and units.
+
+For each usable image (read as training reads it, so every skip reason and size
+limit applies) the model reconstructs the slice at its own size; the
+reconstruction is resized back to the file's matrix (the reader's centred
+square padding undone) and mapped back to the stored units.
+
+The map back: the reader turned stored values into [0, 1] by a linear window
+or percentile scaling. `back_to_units` fits that line (least squares over the
+pixels the reader did not clip) and applies its inverse, so any linear
+mapping, MONOCHROME1 included, is undone exactly. Intensities outside the
+window the model sees are clipped to its edges: the model never saw them.
+
+Outputs: DICOM stays DICOM (same geometry and patient, new SOP and Series
+Instance UIDs, ImageType ``DERIVED\\SECONDARY``, a SeriesDescription and
+DerivationDescription that say medae made it, written uncompressed); PNG,
+JPEG, BMP and TIFF pages become PNG (16-bit when the input had more than 8
+bits). NIfTI output is not built yet: such files are skipped with that reason.
+The input folder is only read; the output folder is complete or absent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medae_core.data import UnusableFile, file_format, read_file, scan_folder, to_square
+from medae_core.errors import NoUsableImagesError
+from medae_core.fileio import ensure_outside, output_folder, printable_path, write_json
+
+log = logging.getLogger(__name__)
+
+# Pixels the reader mapped strictly inside (0, 1) by this margin define the line that is inverted.
+_UNCLIPPED = (0.002, 0.998)
+_MIN_PIXELS = 16
+
+
+def back_to_units(normalised: np.ndarray, stored: np.ndarray, values: np.ndarray) -> np.ndarray | None:
+    """``values`` (in the reader's [0, 1]) in the units of ``stored``, by the line that maps stored → normalised.
+
+    None when the mapping cannot be recovered (too few unclipped pixels, or a flat line).
+    """
+    inside = (normalised > _UNCLIPPED[0]) & (normalised < _UNCLIPPED[1])
+    if inside.sum() < _MIN_PIXELS:
+        return None
+    x, y = normalised[inside].astype(np.float64), stored[inside].astype(np.float64)
+    slope, intercept = np.polyfit(x, y, 1)
+    if not np.isfinite(slope) or abs(slope) < 1e-12:
+        return None
+    return slope * np.clip(values, 0.0, 1.0) + intercept
+
+
+def to_matrix(square: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Undo `to_square`: resize to the padded side, then cut out the original ``shape`` (centred)."""
+    h, w = shape
+    side = max(h, w)
+    big = np.asarray(Image.fromarray(square.astype(np.float32)).resize((side, side), resample=Image.BILINEAR))
+    top, left = (side - h) // 2, (side - w) // 2
+    return big[top:top + h, left:left + w]
+
+
+def denoise_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, progress=None) -> dict:
+    from medae_core.latent import _model, model_sha256
+
+    input_dir, out = Path(input_dir).absolute(), Path(out).absolute()
+    ensure_outside(out, input_dir)
+    bundle, model, device = _model(model_path, device)
+    cfg = bundle.config
+    size = cfg.model.image_size
+
+    @torch.no_grad()
+    def reconstruct(images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.stack([to_square(i, size) for i in images])[:, None], device=device)
+        return model.reconstruct(x).float().cpu().numpy()[:, 0]
+
+    digest = model_sha256(model_path)
+    with output_folder(out) as stage:
+        scan = scan_folder(input_dir, cfg.data, size)
+        if len(scan.images) == 0:
+            raise NoUsableImagesError(f"no usable image under {input_dir} ({len(scan.skipped)} files skipped)")
+        files = list(dict.fromkeys(e.path for e in scan.entries))
+        written, skipped = [], [{"path": printable_path(s.path), "reason": s.reason} for s in scan.skipped]
+        series: dict[str, str] = {}
+        for n, rel in enumerate(files, 1):
+            try:
+                written += _denoise_file(input_dir / rel, rel, stage, cfg.data, reconstruct, series, digest)
+            except UnusableFile as exc:
+                skipped.append({"path": printable_path(rel), "reason": exc.reason})
+            if progress:
+                progress(n, len(files))
+        summary = {"files_written": len(written), "skipped": skipped, "model_sha256": digest}
+        write_json(stage / "summary.json", summary)
+    return summary
+
+
+def _denoise_file(path: Path, rel: str, stage: Path, data, reconstruct: Callable, series: dict, digest: str) -> list:
+    kind = file_format(path)
+    if kind == "nifti":
+        raise UnusableFile("NIfTI output is not built yet (denoise writes DICOM and PNG)")
+    slices = read_file(path, rel, data)
+    recons = reconstruct([s.image for s in slices])
+    target = stage / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "dicom":
+        return [_write_dicom(path, target, slices, recons, series, digest)]
+    return _write_raster(path, target, slices, recons)
+
+
+def _write_dicom(path: Path, target: Path, slices, recons, series: dict, digest: str) -> Path:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.dcmread(path)
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or str(ds.get("PhotometricInterpretation", "")).startswith("PALETTE"):
+        raise UnusableFile("colour image: denoise writes monochrome images only")
+    if "ModalityLUTSequence" in ds:
+        raise UnusableFile("modality LUT sequence: the stored units cannot be restored")
+    stored = ds.pixel_array
+    frames = stored if int(ds.get("NumberOfFrames") or 1) > 1 else stored[None]
+    values = apply_modality_lut(frames, ds).astype(np.float64)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    out = frames.copy()
+    for s, recon in zip(slices, recons, strict=True):
+        f = s.frame or 0
+        units = back_to_units(s.image, values[f], to_matrix(recon, s.image.shape))
+        if units is None:
+            raise UnusableFile("its intensity mapping cannot be inverted (too few unclipped pixels)")
+        out[f] = np.clip(np.rint((units - intercept) / slope), low, high).astype(frames.dtype)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # written uncompressed, little endian
+    ds.PixelData = np.ascontiguousarray(out if len(out) > 1 else out[0]).astype(
+        out.dtype.newbyteorder("<")).tobytes()
+    old_series = str(ds.get("SeriesInstanceUID", ""))
+    ds.SeriesInstanceUID = series.setdefault(old_series, generate_uid())
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    kept = list(ds.get("ImageType", []))[2:]
+    ds.ImageType = ["DERIVED", "SECONDARY", *kept]
+    ds.SeriesDescription = f"medae denoised {ds.get('SeriesDescription', '')}".strip()[:64]
+    ds.DerivationDescription = f"medae denoise: autoencoder reconstruction, model sha256 {digest[:16]}"
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def _write_raster(path: Path, target: Path, slices, recons) -> list[Path]:
+    written = []
+    with Image.open(path) as im:
+        pages = [page.copy() for page in _pages(im)]
+    for s, recon in zip(slices, recons, strict=True):
+        page = pages[s.frame or 0]
+        deep = page.mode in ("I", "I;16", "I;16B", "I;16L", "F")
+        gray = np.asarray(page if deep else page.convert("L"), dtype=np.float64)
+        units = back_to_units(s.image, gray, to_matrix(recon, s.image.shape))
+        if units is None:
+            raise UnusableFile("its intensity mapping cannot be inverted (too few unclipped pixels)")
+        name = target.with_suffix(".png") if s.frame is None else target.with_name(
+            f"{target.stem}__{s.frame:04d}.png")
+        if deep:
+            Image.fromarray(np.clip(np.rint(units), 0, 65535).astype(np.uint16)).save(name, format="PNG")
+        else:
+            Image.fromarray(np.clip(np.rint(units), 0, 255).astype(np.uint8), mode="L").save(name, format="PNG")
+        written.append(name)
+    return written
+
+
+def _pages(im: Image.Image):
+    from PIL import ImageSequence
+
+    return list(ImageSequence.Iterator(im))
