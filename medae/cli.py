@@ -511,28 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "score", "anomaly scores and heatmaps for every image in a folder",
                  "medae score --model runs/simulate --input /data/new-scans --out runs/scores", cmd_score)
-    p.add_argument("--model", type=Path, required=True, help="run folder or model bundle")
-    p.add_argument("--input", type=Path, required=True,
-                   help="folder of images to score (read only); a labels.csv there adds metrics")
-    p.add_argument("--out", type=Path, required=True, help="output folder, replaced only when complete")
+    _bundle_in_out(p, input_help="folder of images to score (read only); a labels.csv there adds metrics",
+                   out_help="output folder, replaced only when complete")
     p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv and summary.json only")
-    add_device_option(p)
 
     p = _command(sub, "denoise", "the model's clean reconstruction of every image, in the input's format and units",
                  "medae denoise --model runs/dae --input /data/noisy-scans --out runs/denoised", cmd_denoise)
-    p.add_argument("--model", type=Path, required=True, help="run folder or model bundle (a DAE denoises best)")
-    p.add_argument("--input", type=Path, required=True, help="folder of images (read only)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output folder (DICOM stays DICOM, other images become PNG), replaced only when complete")
-    add_device_option(p)
+    _bundle_in_out(p, model_help="run folder or model bundle (a DAE denoises best)",
+                   out_help="output folder (DICOM stays DICOM, other images become PNG), replaced only when complete")
 
     p = _command(sub, "encode", "latent codes of every image in a folder (features, compression)",
                  "medae encode --model runs/simulate --input /data/scans --out runs/codes", cmd_encode)
-    p.add_argument("--model", type=Path, required=True, help="run folder or model bundle")
-    p.add_argument("--input", type=Path, required=True, help="folder of images to encode (read only)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output folder: codes.npz, manifest.csv, summary.json; replaced only when complete")
-    add_device_option(p)
+    _bundle_in_out(p, out_help="output folder: codes.npz, manifest.csv, summary.json; replaced only when complete")
 
     p = _command(sub, "decode", "images from latent codes written by `medae encode`",
                  "medae decode --model runs/simulate --codes runs/codes --out runs/decoded", cmd_decode)
@@ -649,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reason", default="", help="why, kept in the ledger (default: none)")
     q.add_argument("--yes", action="store_true", help="confirm the change")
     return parser
+
+
+def _bundle_in_out(p: argparse.ArgumentParser, *, out_help: str, model_help: str = "run folder or model bundle",
+                   input_help: str = "folder of images (read only)") -> None:
+    """--model, --input, --out and --device: what every command that runs a bundle over a folder takes."""
+    p.add_argument("--model", type=Path, required=True, help=model_help)
+    p.add_argument("--input", type=Path, required=True, help=input_help)
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    add_device_option(p)
 
 
 def add_init_option(p: argparse.ArgumentParser) -> None:
