@@ -95,11 +95,18 @@ class TrainConfig:
     augment_multiplicity: int = 1
     # Exponential moving average of the weights within a round (0 = off); free under DP
     ema_decay: float = 0.0
+    # Synthetic training units: this many VAE samples per real unit (0 = off), drawn from the VAE
+    # bundle augment_model (trained under DP, or a `medae pretrain` model); medae_core.augment
+    augment_with_samples: float = 0.0  # VAE samples per real unit added to training (0 = off)
+    augment_model: str = ""  # the VAE bundle they come from: DP-trained or `medae pretrain` only
 
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "lr", "slices_per_patient", "augment_multiplicity")
         _at_least(self, "train", 0.0, "weight_decay", "num_threads")
         _in_range(self, "train", "ema_decay", 0.0, 1.0, high_open=True)
+        _in_range(self, "train", "augment_with_samples", 0.0, 10.0)
+        if self.augment_with_samples > 0 and not self.augment_model.strip():
+            raise ConfigError("train.augment_with_samples needs train.augment_model: the VAE bundle to sample from")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.strip().lower()):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
@@ -191,7 +198,7 @@ class TrackingConfig:
 
     # Round metrics (losses, pooled AUROC and its baseline, threshold, each site's ε) and the
     # report's figures as TensorBoard events in RUN/tensorboard/ (needs the tensorboard package).
-    tensorboard: bool = False
+    tensorboard: bool = False  # round metrics and the report's figures to RUN/tensorboard/
 
 
 @dataclass(frozen=True)

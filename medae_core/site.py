@@ -28,6 +28,7 @@ from medae_core import scoring
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
 from medae_core.evaluation import LabelledSet, evaluate_site
+from medae_core.augment import synthetic_units
 from medae_core.bundle import Threshold
 from medae_core.models import build_model, trainable_mask
 from medae_core.privacy import PrivacyLedger
@@ -155,6 +156,16 @@ class SiteTrainer:
         n = len(self.data.train_images)
         return np.arange(n), n
 
+    def training_set(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(images, unit index, unit count): the site's own, plus any synthetic units (`medae_core.augment`)."""
+        unit_index, n_units = self.units()
+        synthetic = synthetic_units(self.cfg, n_units)
+        if synthetic is None:
+            return self.data.train_images, unit_index, n_units
+        extra = n_units + np.arange(len(synthetic))  # each sample is a unit of its own
+        return (np.concatenate([self.data.train_images, synthetic]), np.concatenate([unit_index, extra]),
+                n_units + len(synthetic))
+
     def noise_for_round(self, sample_rate: float, steps: int, rounds_left: int) -> float:
         """The configured σ, or the smallest σ that fits the remaining plan in the budget."""
         if self.cfg.privacy.noise_multiplier is not None:
@@ -172,7 +183,7 @@ class SiteTrainer:
         progress=None,
     ) -> RoundResult:
         cfg = self.cfg
-        unit_index, n_units = self.units()
+        images, unit_index, n_units = self.training_set()
         plan = plan_training(n_units, cfg.train, cfg.train.epochs)
         model = build_model(cfg.model, seed=cfg.train.seed)
         init = None
@@ -205,7 +216,7 @@ class SiteTrainer:
                     cfg.privacy.unit)
         result = train(
             model,
-            self.data.train_images,
+            images,
             unit_index,
             plan,
             cfg,

@@ -186,3 +186,37 @@ def test_denoise_writes_png_for_raster_input_and_skips_nifti_with_its_reason(tin
     summary = json.loads((tmp_path / "clean" / "summary.json").read_text())
     assert summary["files_written"] == 2
     assert any(s["path"] == "v.nii.gz" and "NIfTI output" in s["reason"] for s in summary["skipped"])
+
+
+def test_training_adds_synthetic_units_from_a_private_vae_and_refuses_one_that_is_not(tiny_benchmark, tiny_cfg,
+                                                                                        tmp_path):
+    from medae_core.errors import ConfigError
+    from medae_core.privacy import PrivacyLedger
+    from medae_core.site import SiteTrainer, load_site_data
+
+    vae_cfg = _bundle(tiny_cfg, "vae", tmp_path / "vae")  # tiny_cfg trains under DP: its samples are private
+    cfg = tiny_cfg.with_overrides({"train.augment_with_samples": 0.5, "train.augment_model": str(tmp_path / "vae")})
+    assert vae_cfg.privacy.enabled
+    data = load_site_data(tiny_benchmark / "site-1", cfg)
+    ledger = PrivacyLedger.for_config(cfg.privacy, site=data.name, path=tmp_path / "ledger.jsonl")
+    trainer = SiteTrainer(data, cfg, ledger)
+    images, units, n_units = trainer.training_set()
+    extra = round(0.5 * data.n_train_patients)
+    assert n_units == data.n_train_patients + extra and len(images) == len(data.train_images) + extra
+    assert len(np.unique(units)) == n_units  # each sample is a unit of its own
+    result = trainer.train_round(None, run_id="aug", server_round=1)
+    assert result.sample_rate == pytest.approx(min(1.0, cfg.train.batch_size / n_units))
+    assert result.epsilon <= cfg.privacy.budget_epsilon
+
+    public_ae = tiny_cfg.with_overrides({"privacy.enabled": False})
+    save_bundle(tmp_path / "nodp", Bundle(public_ae.with_overrides({"model.kind": "vae"}),
+                                          build_model(public_ae.with_overrides({"model.kind": "vae"}).model).state_dict(),
+                                          None))
+    for path, why in ((tmp_path / "nodp", "trained without DP"), (tmp_path / "ae", "must be a VAE")):
+        if path.name == "ae":
+            _bundle(tiny_cfg, "ae", path)
+        bad = tiny_cfg.with_overrides({"train.augment_with_samples": 0.5, "train.augment_model": str(path)})
+        with pytest.raises(ConfigError, match=why):
+            SiteTrainer(data, bad, ledger).training_set()
+    with pytest.raises(ConfigError, match="needs train.augment_model"):
+        tiny_cfg.with_overrides({"train.augment_with_samples": 0.5})
