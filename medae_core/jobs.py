@@ -18,12 +18,12 @@ from medae_core.bundle import Bundle, load_bundle, save_bundle
 from medae_core.config import RunConfig
 from medae_core.data import input_warnings, scan_folder
 from medae_core.errors import NoUsableImagesError
+from medae_core.evaluation import LabelledSet, evaluate_site, intensity_metrics, judge
 from medae_core.fileio import ensure_outside, output_folder, printable_path, safe_file_name
+from medae_core.pretrain import ensure_start
 from medae_core.privacy import PrivacyLedger, check_ledger_location, default_ledger_path
 from medae_core.report import write_json
-from medae_core.evaluation import LabelledSet, evaluate_site, intensity_metrics, judge
 from medae_core.scoring import is_anomalous
-from medae_core.pretrain import ensure_start
 from medae_core.site import SiteTrainer, load_site_data, train_and_calibrate
 
 log = logging.getLogger(__name__)

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 from medae_core import scoring
-from medae_core.config import DataConfig, RunConfig
-from medae_core.data import Scan, load_site, split_patients
-from medae_core.evaluation import LabelledSet, evaluate_site
 from medae_core.augment import synthetic_units
 from medae_core.bundle import Threshold
+from medae_core.config import DataConfig, RunConfig
+from medae_core.data import Scan, load_site, split_patients
+from medae_core.devices import resolve_device
+from medae_core.evaluation import LabelledSet, evaluate_site
 from medae_core.models import build_model, trainable_mask
 from medae_core.privacy import PrivacyLedger
 from medae_core.starts import initial_weights
-from medae_core.devices import resolve_device
 from medae_core.training import evaluate_loss, train
 from medae_core.units import plan_training
 
