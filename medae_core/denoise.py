@@ -65,11 +65,11 @@ def to_matrix(square: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def denoise_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, progress=None) -> dict:
-    from medae_core.latent import _model, model_sha256
+    from medae_core.latent import load_model, model_sha256
 
     input_dir, out = Path(input_dir).absolute(), Path(out).absolute()
     ensure_outside(out, input_dir)
-    bundle, model, device = _model(model_path, device)
+    bundle, model, device = load_model(model_path, device)
     cfg = bundle.config
     size = cfg.model.image_size
 

@@ -43,7 +43,8 @@ def model_sha256(model_path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model(model_path: Path, device):
+def load_model(model_path: Path, device=None):
+    """(bundle, its model in eval mode on the device, the device): what every job over a bundle starts with."""
     from medae_core.devices import resolve_device
 
     bundle = load_bundle(model_path)
@@ -66,7 +67,7 @@ def encode_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, 
     """The latent code of every usable image under ``input_dir`` (the posterior mean for a VAE)."""
     input_dir, out = Path(input_dir).absolute(), Path(out).absolute()
     ensure_outside(out, input_dir)
-    bundle, model, device = _model(model_path, device)
+    bundle, model, device = load_model(model_path, device)
     cfg = bundle.config
     with output_folder(out) as stage:
         scan = scan_folder(input_dir, cfg.data, cfg.model.image_size)
@@ -110,7 +111,7 @@ def read_codes(codes: Path) -> dict[str, np.ndarray]:
 def decode_codes(model_path: Path, codes: Path, out: Path, *, device=None, progress=None) -> dict:
     """Images from latent codes, one PNG per code, named after the image it was encoded from."""
     data = read_codes(codes)
-    bundle, model, device = _model(model_path, device)
+    bundle, model, device = load_model(model_path, device)
     z = data["codes"].astype(np.float32)
     if z.shape[1] != bundle.config.model.latent_dim:
         raise ConfigError(f"the codes have {z.shape[1]} dimensions; this {bundle.config.model.kind} decodes "
@@ -137,7 +138,7 @@ def sample_images(model_path: Path, n: int, out: Path, *, seed: int = 0, fmt: st
         raise ConfigError(f"--n must be at least 1; got {n}")
     if fmt not in OUTPUT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; got {fmt!r}")
-    bundle, model, device = _model(model_path, device)
+    bundle, model, device = load_model(model_path, device)
     if not hasattr(model, "sample"):
         raise ConfigError(f"`sample` needs a VAE: this bundle is a {bundle.config.model.kind!r}, whose codes have "
                           "no prior to draw from (train with model.kind = \"vae\")")

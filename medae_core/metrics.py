@@ -120,10 +120,6 @@ def evaluated_images(labels: Any, gt_masks: Any, has_mask: Any, shape: tuple[int
 
 def pixel_region(gt: np.ndarray, fg_masks: Any) -> np.ndarray:
     """Pixels that count in an image: its foreground plus every lesion pixel (all pixels without a foreground)."""
-    return _region(gt, fg_masks)
-
-
-def _region(gt: np.ndarray, fg_masks: Any) -> np.ndarray:
     if fg_masks is None:
         return np.ones(gt.shape, dtype=bool)
     return _binary(fg_masks, "fg_masks", gt.shape) | gt
@@ -214,7 +210,7 @@ def pixel_metrics(
     """
     m = np.nan_to_num(_stack(maps, "maps").astype(np.float32, copy=False))
     gt = _binary(gt_masks, "gt_masks", m.shape)
-    region = _region(gt, fg_masks)
+    region = pixel_region(gt, fg_masks)
     n_pix = int(region.sum())
     n_posp = int((region & gt).sum())
     out: dict[str, float | None] = {
@@ -247,7 +243,7 @@ def dice_at(maps: Any, gt_masks: Any, threshold: float, fg_masks: Any = None) ->
     """
     m = np.nan_to_num(_stack(maps, "maps").astype(np.float32, copy=False))
     gt = _binary(gt_masks, "gt_masks", m.shape)
-    region = _region(gt, fg_masks)
+    region = pixel_region(gt, fg_masks)
     pred = is_anomalous(m, threshold) & region
     denom = int(gt[region].sum()) + int(pred.sum())
     if denom == 0:
