@@ -13,9 +13,14 @@ window the model sees are clipped to its edges: the model never saw them.
 
 Outputs: DICOM stays DICOM (same geometry and patient, new SOP and Series
 Instance UIDs, ImageType ``DERIVED\\SECONDARY``, a SeriesDescription and
-DerivationDescription that say medae made it, written uncompressed); PNG,
-JPEG, BMP and TIFF pages become PNG (16-bit when the input had more than 8
-bits). NIfTI output is not built yet: such files are skipped with that reason.
+DerivationDescription that say medae made it, written uncompressed); NIfTI
+stays NIfTI (the first volume, same affine and voxel order, float32, the
+header's ``descrip`` says medae made it); PNG, JPEG, BMP and TIFF pages become
+PNG (16-bit when the input had more than 8 bits).
+
+Each file is read twice: once by training's reader (normalised slices for the
+model) and once for its stored values, which are what the output replaces. No
+folder-wide scan holds every image in memory.
 The input folder is only read; the output folder is complete or absent.
 """
 
@@ -29,7 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medae_core.data import UnusableFile, file_format, read_file, scan_folder, to_square
+from medae_core.data import UnusableFile, file_format, list_files, read_checked, to_square
+from medae_core.data.readers import axial_view, from_axial_view
 from medae_core.errors import NoUsableImagesError
 from medae_core.fileio import ensure_outside, output_folder, printable_path, write_json
 
@@ -74,17 +80,14 @@ def denoise_folder(model_path: Path, input_dir: Path, out: Path, *, device=None,
     size = cfg.model.image_size
 
     @torch.no_grad()
-    def reconstruct(images: np.ndarray) -> np.ndarray:
+    def reconstruct(images: list[np.ndarray]) -> np.ndarray:
         x = torch.as_tensor(np.stack([to_square(i, size) for i in images])[:, None], device=device)
         return model.reconstruct(x).float().cpu().numpy()[:, 0]
 
     digest = model_sha256(model_path)
     with output_folder(out) as stage:
-        scan = scan_folder(input_dir, cfg.data, size)
-        if len(scan.images) == 0:
-            raise NoUsableImagesError(f"no usable image under {input_dir} ({len(scan.skipped)} files skipped)")
-        files = list(dict.fromkeys(e.path for e in scan.entries))
-        written, skipped = [], [{"path": printable_path(s.path), "reason": s.reason} for s in scan.skipped]
+        files, left_out = list_files(input_dir)
+        written, skipped = [], [{"path": s.path, "reason": s.reason} for s in left_out]
         series: dict[str, str] = {}
         for n, rel in enumerate(files, 1):
             try:
@@ -93,22 +96,57 @@ def denoise_folder(model_path: Path, input_dir: Path, out: Path, *, device=None,
                 skipped.append({"path": printable_path(rel), "reason": exc.reason})
             if progress:
                 progress(n, len(files))
+        if not written:
+            raise NoUsableImagesError(f"no usable image under {input_dir} ({len(skipped)} files skipped)")
         summary = {"files_written": len(written), "skipped": skipped, "model_sha256": digest}
         write_json(stage / "summary.json", summary)
     return summary
 
 
 def _denoise_file(path: Path, rel: str, stage: Path, data, reconstruct: Callable, series: dict, digest: str) -> list:
-    kind = file_format(path)
-    if kind == "nifti":
-        raise UnusableFile("NIfTI output is not built yet (denoise writes DICOM and PNG)")
-    slices = read_file(path, rel, data)
+    slices = read_checked(path, rel, data)  # every reason and size limit of training's reader applies
     recons = reconstruct([s.image for s in slices])
     target = stage / rel
     target.parent.mkdir(parents=True, exist_ok=True)
+    kind = file_format(path)
     if kind == "dicom":
         return [_write_dicom(path, target, slices, recons, series, digest)]
+    if kind == "nifti":
+        return [_write_nifti(path, target, slices, recons, digest)]
     return _write_raster(path, target, slices, recons)
+
+
+def _write_nifti(path: Path, target: Path, slices, recons, digest: str) -> Path:
+    """The first volume with every reconstructed axial slice replaced, in the file's own voxel order and affine.
+
+    The reader works on the closest-canonical (RAS+) volume and shows its axial
+    slices like DICOM (`axial_view`); both are undone here. Slices the reader
+    leaves out (too little foreground) are copied unchanged. Stored as float32
+    (no scaling), so the restored units are exact.
+    """
+    import nibabel as nib
+
+    img = nib.load(path)
+    if len(img.shape) > 3:
+        img = img.slicer[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)]
+    canonical = nib.as_closest_canonical(img)
+    volume = np.nan_to_num(canonical.get_fdata(dtype=np.float32))
+    for s, recon in zip(slices, recons, strict=True):
+        shown = axial_view(volume[:, :, s.frame])
+        units = back_to_units(s.image, shown, to_matrix(recon, s.image.shape))
+        if units is None:
+            raise UnusableFile("its intensity mapping cannot be inverted (too few unclipped pixels)")
+        volume[:, :, s.frame] = from_axial_view(units)
+    header = canonical.header.copy()
+    header.set_data_dtype(np.float32)
+    header.set_slope_inter(1.0, 0.0)
+    header["descrip"] = f"medae denoised {digest[:16]}".encode()[:79]
+    out = nib.Nifti1Image(volume.astype(np.float32), canonical.affine, header)
+    back = nib.orientations.ornt_transform(nib.io_orientation(canonical.affine), nib.io_orientation(img.affine))
+    out = out.as_reoriented(back)
+    name = target if target.name.endswith((".nii", ".nii.gz")) else target.with_suffix(".nii.gz")
+    nib.save(out, name)
+    return name
 
 
 def _write_dicom(path: Path, target: Path, slices, recons, series: dict, digest: str) -> Path:

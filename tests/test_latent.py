@@ -162,11 +162,16 @@ def test_the_intensity_map_back_restores_stored_units(tiny_benchmark, tiny_cfg):
     square = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
     assert to_matrix(square, (64, 40)).shape == (64, 40)
     assert back_to_units(np.zeros((8, 8)), np.zeros((8, 8)), np.zeros((8, 8))) is None  # nothing to fit
+    from medae_core.data.readers import axial_view, from_axial_view
+
+    ras = np.arange(20 * 24, dtype=np.float32).reshape(20, 24)
+    assert np.array_equal(from_axial_view(axial_view(ras)), ras)  # NIfTI slices go back where they came from
 
 
-def test_denoise_writes_png_for_raster_input_and_skips_nifti_with_its_reason(tiny_cfg, tmp_path):
+def test_denoise_writes_png_for_raster_input_and_nifti_for_nifti(tiny_cfg, tmp_path):
     import json
 
+    import nibabel as nib
     from PIL import Image
 
     _bundle(tiny_cfg, "ae", tmp_path / "model")
@@ -175,17 +180,30 @@ def test_denoise_writes_png_for_raster_input_and_skips_nifti_with_its_reason(tin
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((80, 60)) * 200 + 20).astype(np.uint8), mode="L").save(src / "a.png")
     Image.fromarray((rng.random((50, 50)) * 4000 + 100).astype(np.uint16)).save(src / "deep.png")
-    import nibabel as nib
-
-    nib.save(nib.Nifti1Image(rng.random((20, 20, 4)).astype(np.float32), np.eye(4)), src / "v.nii.gz")
+    # A volume stored left-to-right flipped (LAS): the output must keep that voxel order and affine.
+    volume = np.zeros((20, 24, 6), np.float32)
+    volume[4:16, 5:20, 1:5] = rng.random((12, 15, 4)) * 900 + 100
+    affine = np.diag([-2.0, 1.5, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), src / "v.nii.gz")
+    (src / "notes.txt").write_text("not an image")
+    before = _tree_digest(src)
     assert main(["denoise", "--model", str(tmp_path / "model"), "--input", str(src),
                  "--out", str(tmp_path / "clean")]) == 0
     a, deep = Image.open(tmp_path / "clean" / "a.png"), Image.open(tmp_path / "clean" / "deep.png")
     assert a.size == (60, 80) and a.mode == "L"
     assert deep.size == (50, 50) and np.asarray(deep).dtype == np.uint16
+    out = nib.load(tmp_path / "clean" / "v.nii.gz")
+    assert out.shape == volume.shape and np.allclose(out.affine, affine)
+    assert b"medae denoised" in out.header["descrip"].tobytes()
+    denoised = out.get_fdata()
+    assert np.array_equal(denoised[:, :, 0], volume[:, :, 0])  # no foreground: copied unchanged
+    changed = denoised[:, :, 1:5][volume[:, :, 1:5] > 0]
+    assert not np.allclose(changed, volume[:, :, 1:5][volume[:, :, 1:5] > 0])  # replaced by the reconstruction
+    assert 0 <= changed.min() and changed.max() <= 1000 + 1e-3  # in the stored units, inside their window
     summary = json.loads((tmp_path / "clean" / "summary.json").read_text())
-    assert summary["files_written"] == 2
-    assert any(s["path"] == "v.nii.gz" and "NIfTI output" in s["reason"] for s in summary["skipped"])
+    assert summary["files_written"] == 3
+    assert [s["path"] for s in summary["skipped"]] == ["notes.txt"]
+    assert _tree_digest(src) == before
 
 
 def test_training_adds_synthetic_units_from_a_private_vae_and_refuses_one_that_is_not(tiny_benchmark, tiny_cfg,

@@ -118,7 +118,7 @@ def count_reasons(skipped: Iterable[Skipped]) -> dict[str, int]:
 
 
 # -- listing ---------------------------------------------------------------------
-def _list_files(root: Path, exclude: Iterable[str] = ()) -> tuple[list[str], list[Skipped]]:
+def list_files(root: Path, exclude: Iterable[str] = ()) -> tuple[list[str], list[Skipped]]:
     """Relative POSIX paths of all files under ``root``, sorted, plus folders left out.
 
     Symbolic links are followed (read-only); each real folder is visited once,
@@ -217,7 +217,7 @@ def scan_folder(
     ``progress(done, total)`` is called after each file.
     """
     root = Path(os.path.normpath(Path(root).absolute()))
-    files, skipped = _list_files(root, exclude)
+    files, skipped = list_files(root, exclude)
     return _scan_files(root, files, skipped, data, image_size, labels_csv, progress)
 
 
@@ -255,7 +255,7 @@ class _FileRead:
 
 def _read_sized(path: Path, rel: str, data: DataConfig, size: int) -> _FileRead:
     try:
-        slices = _read_checked(path, rel, data)
+        slices = read_checked(path, rel, data)
     except UnusableFile as exc:
         return _FileRead(reason=exc.reason)
     return _FileRead(
@@ -370,7 +370,7 @@ class _ScanBuilder:
         return Scan(self.root, images, self.entries, skipped, labels, masks, has_mask)
 
 
-def _read_checked(path: Path, rel: str, data: DataConfig) -> list[Slice]:
+def read_checked(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     """`read_file` for plain files only; links that lead nowhere, FIFOs or empty files are reasons."""
     if not path.exists():
         raise UnusableFile("broken link" if path.is_symlink() else "file vanished during the scan")
@@ -430,10 +430,10 @@ def _read_site(root: Path, data: DataConfig, image_size: int, progress: Progress
     has_test = test_dir.is_dir()
     if train_dir.is_dir():
         _warn_ignored(root)
-        train_root, train_listing = train_dir, _list_files(train_dir)
+        train_root, train_listing = train_dir, list_files(train_dir)
     else:
-        train_root, train_listing = root, _list_files(root, exclude=["test"] if has_test else [])
-    test_listing = _list_files(test_dir) if has_test else ([], [])
+        train_root, train_listing = root, list_files(root, exclude=["test"] if has_test else [])
+    test_listing = list_files(test_dir) if has_test else ([], [])
     total = len(train_listing[0]) + len(test_listing[0])
     train = _scan_files(train_root, *train_listing, data, image_size, None, _offset(progress, 0, total))
     test = None

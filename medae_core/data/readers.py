@@ -465,6 +465,11 @@ def axial_view(ras_slice: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ras_slice[::-1, ::-1].T)
 
 
+def from_axial_view(image: np.ndarray) -> np.ndarray:
+    """The [x, y] RAS slice that `axial_view` shows as ``image`` (its inverse)."""
+    return np.ascontiguousarray(image.T[::-1, ::-1])
+
+
 # -- raster images ----------------------------------------------------------------
 def _read_raster(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     """PNG/JPEG/BMP/TIFF to gray. Multi-page TIFFs give one slice per page.
