@@ -290,7 +290,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {k} | {g['nn_l2_samples']} / {g['nn_ssim_samples']} | {g['nn_l2_held_out']} / "
                      f"{g['nn_ssim_held_out']} | {g['min_sample_to_train']} | {g['closest_train_pair']} | "
                      f"{g['samples_below_bar']} of {g['samples']} | {'yes' if g['memorised'] else 'no'} |")
-    lines += ["", f"{r['seconds']} s in all, training included."]
+    lines += ["", f"{r['seconds']} s for this call (models already trained in OUT are reused, not retrained)."]
     return "\n".join(lines) + "\n"
 
 
