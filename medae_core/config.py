@@ -199,6 +199,9 @@ class TrackingConfig:
     # Round metrics (losses, pooled AUROC and its baseline, threshold, each site's ε) and the
     # report's figures as TensorBoard events in RUN/tensorboard/ (needs the tensorboard package).
     tensorboard: bool = False  # round metrics and the report's figures to RUN/tensorboard/
+    # The same, plus the run's configuration as parameters, in a local MLflow store
+    # (RUN/mlflow/mlflow.db, SQLite; needs mlflow-skinny or mlflow). Telemetry is switched off.
+    mlflow: bool = False  # round metrics, figures and config to RUN/mlflow/ (local SQLite store)
 
 
 @dataclass(frozen=True)

@@ -84,11 +84,13 @@ class FederatedRun:
         return ArrayRecord(state_dict)
 
     def run(self) -> None:
-        tracker = RunTracker(self.run_dir, self.cfg)
+        tracker = RunTracker(self.run_dir, self.cfg, self.state.run_id)
         try:
             self._run(tracker)
-        finally:
-            tracker.close()
+        except BaseException:
+            tracker.close(failed=True)
+            raise
+        tracker.close()
 
     def _run(self, tracker: RunTracker) -> None:
         rounds = self.cfg.federation.rounds

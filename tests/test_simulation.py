@@ -24,7 +24,7 @@ def simulated(tiny_benchmark, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sim")
     config = _write_config(tmp, TINY | {"privacy.noise_multiplier": 1.0, "privacy.budget_epsilon": 200.0,
-                                        "tracking.tensorboard": True})
+                                        "tracking.tensorboard": True, "tracking.mlflow": True})
     run = tmp / "run"
     # Site 3 has spent all but a sliver of its budget in earlier work.
     ledger = PrivacyLedger.open(run / "ledgers" / "site-3.jsonl", site="site-3", budget_epsilon=200.0, delta=1e-5,
@@ -88,6 +88,19 @@ def test_tensorboard_has_every_round_and_the_report_figures(simulated):
     assert eps[-1] == pytest.approx(metrics["rounds"][-1]["sites"]["site-1"]["epsilon"], rel=1e-6)
     assert "epsilon/site-3" not in tags["scalars"]  # the refused site spent nothing here
     assert any(t.startswith("report/") for t in tags["images"])
+
+
+def test_mlflow_has_the_run_with_every_round_and_the_report_figures(simulated):
+    from mlflow.tracking import MlflowClient
+
+    run, _, metrics = simulated
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow' / 'mlflow.db'}")
+    (ml,) = client.search_runs([client.get_experiment_by_name("medae").experiment_id])
+    assert ml.data.tags["medae.run_id"] == metrics["run_id"] and ml.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(ml.info.run_id, "epsilon/site-1"))
+    assert steps == [1, 2]  # the resumed run continued the same MLflow run
+    assert ml.data.metrics["epsilon/site-1"] == pytest.approx(metrics["rounds"][-1]["sites"]["site-1"]["epsilon"])
+    assert client.list_artifacts(ml.info.run_id, "report")
 
 
 def test_bundle_and_report_are_written_and_score_reads_the_bundle(simulated, tiny_benchmark, tmp_path):
