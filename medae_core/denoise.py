@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from medae_core.data import UnusableFile, file_format, list_files, read_checked, to_square
-from medae_core.data.readers import axial_view, from_axial_view
+from medae_core.data.readers import axial_view, first_volume, from_axial_view
 from medae_core.errors import NoUsableImagesError
 from medae_core.fileio import ensure_outside, output_folder, printable_path, write_json
 
@@ -87,7 +87,7 @@ def denoise_folder(model_path: Path, input_dir: Path, out: Path, *, device=None,
     digest = model_sha256(model_path)
     with output_folder(out) as stage:
         files, left_out = list_files(input_dir)
-        written, skipped = [], [{"path": s.path, "reason": s.reason} for s in left_out]
+        written, skipped = [], [{"path": printable_path(s.path), "reason": s.reason} for s in left_out]
         series: dict[str, str] = {}
         for n, rel in enumerate(files, 1):
             try:
@@ -126,9 +126,7 @@ def _write_nifti(path: Path, target: Path, slices, recons, digest: str) -> Path:
     """
     import nibabel as nib
 
-    img = nib.load(path)
-    if len(img.shape) > 3:
-        img = img.slicer[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)]
+    img = first_volume(nib.load(path))
     canonical = nib.as_closest_canonical(img)
     volume = np.nan_to_num(canonical.get_fdata(dtype=np.float32))
     for s, recon in zip(slices, recons, strict=True):

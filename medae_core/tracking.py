@@ -19,6 +19,7 @@ import io
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,12 @@ def config_params(cfg: RunConfig) -> dict[str, str]:
 
 
 class _MLflowRun:
-    """One MLflow run in the run folder's own SQLite store; reopened by its medae run id on resume."""
+    """One MLflow run in the run folder's own SQLite store; reopened by its medae run id on resume.
+
+    Made by `RunTracker` after `check_tracking`, which switches telemetry off before mlflow is imported.
+    """
 
     def __init__(self, run_dir: Path, cfg: RunConfig, run_id: str):
-        os.environ.update(_NO_TELEMETRY)
         for name in ("mlflow", "alembic"):  # their schema set-up lines are not the run's progress
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
@@ -99,8 +102,6 @@ class _MLflowRun:
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in config_params(cfg).items()])
 
     def log_values(self, values: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -445,15 +445,22 @@ def _nifti_volume(path: Path, rel: str, data: DataConfig) -> np.ndarray:
         check_decoded_size(math.prod(shape) * itemsize, data, f"its first volume {shape} decodes to")
         if len(img.shape) > 3:
             log.info("%s is %d-D; using its first volume", rel, len(img.shape))
-            img = img.slicer[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)]
         elif len(img.shape) < 3:
             raise UnusableFile(f"not a volume: NIfTI with shape {img.shape}")
+        img = first_volume(img)
         volume = nib.as_closest_canonical(img).get_fdata(dtype=np.float32)
     except UnusableFile:
         raise
     except Exception as exc:
         raise UnusableFile(f"unreadable NIfTI: {_one_line(exc)}") from None
     return np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def first_volume(img):
+    """The first 3-D volume of a NIfTI image (the image itself when it is 3-D): the one medae reads."""
+    if len(img.shape) > 3:
+        return img.slicer[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)]
+    return img
 
 
 def axial_view(ras_slice: np.ndarray) -> np.ndarray:
