@@ -50,6 +50,18 @@ from medae_core.site import SiteTrainer, load_site_data
 log = logging.getLogger("medae.client")
 app = ClientApp()
 
+
+class _NoActorTeardownNotice(logging.Filter):
+    """Flower's simulation actors log "Manually terminating ClientAppActor" as a WARNING at every normal end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Manually terminating" not in record.getMessage()
+
+
+# On the logger itself, so that none of its handlers (nor the root's, in a Ray actor) print it.
+if not any(isinstance(f, _NoActorTeardownNotice) for f in logging.getLogger("flwr").filters):
+    logging.getLogger("flwr").addFilter(_NoActorTeardownNotice())
+
 PROGRESS_INTERVAL_S = 0.5
 
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -166,6 +167,36 @@ class _FlowerWarningsOnly(logging.Filter):
         return self.verbose or (record.levelno >= logging.WARNING and "Manually terminating" not in record.getMessage())
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+class PlainStream:
+    """A text stream that drops ANSI escape sequences: what a log file or pipe gets.
+
+    Ray colours its "[repeated Nx across cluster]" notes whatever its output
+    is; wrapping sys.stdout and sys.stderr is the one place that catches every
+    library's colours.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_ANSI_ESCAPE.sub("", text))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def plain_output() -> None:
+    """When stdout or stderr is not a terminal, nothing written to it carries colour codes."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, PlainStream) and not stream.isatty():
+            setattr(sys, name, PlainStream(stream))
+
+
 def quiet_flower(verbose: bool) -> None:
     """Flower's console lines: plain text when not a terminal, and without its end-of-run actor notices."""
     from flwr.common.logger import update_console_handler
@@ -173,6 +204,11 @@ def quiet_flower(verbose: bool) -> None:
     update_console_handler(colored=console.is_terminal)
     if not console.is_terminal:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(ClientAppActor pid=...)" prefix, uncoloured
+        plain_output()
+    with contextlib.suppress(ImportError):  # Ray's once-per-process advice about its own log settings
+        from ray.util.debug import log_once
+
+        log_once("log_dedup_warning")
 
     from flwr.supercore.logger import ConsoleHandler
 

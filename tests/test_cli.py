@@ -275,3 +275,39 @@ def test_reproducible_noise_repeats_a_dp_run_exactly_and_says_it_is_not_private(
     assert first["privacy"]["reproducible_noise"] is True
     private = run("c", False)  # the default: fresh noise from the OS each time
     assert private["loss"] != first["loss"]
+
+
+def test_a_log_file_gets_no_colour_codes_whatever_a_library_writes():
+    import io
+
+    from medae.console import PlainStream
+
+    log = io.StringIO()  # not a terminal
+    stream = PlainStream(log)
+    # What Ray prints for a deduplicated actor line, whatever its output is.
+    stream.write("(ClientAppActor pid=1) site site-3: x \x1b[32m [repeated 2x across cluster]\x1b[0m\n")
+    stream.write("\x1b[93mWARNING \x1b[0m:   done\n")
+    assert log.getvalue() == "(ClientAppActor pid=1) site site-3: x  [repeated 2x across cluster]\nWARNING :   done\n"
+    assert not stream.isatty()
+
+
+def test_flowers_actor_teardown_notice_is_dropped_and_its_other_warnings_kept():
+    import logging
+
+    import client.app  # noqa: F401  (installs the filter, as it does in every Ray actor that loads the app)
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    flwr = logging.getLogger("flwr")
+    flwr.addHandler(handler)
+    try:
+        flwr.warning("Manually terminating %s", "ClientAppActor")
+        flwr.warning("a real warning")
+    finally:
+        flwr.removeHandler(handler)
+    assert seen == ["a real warning"]

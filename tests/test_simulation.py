@@ -6,6 +6,9 @@ while the run completes with the other two. A second call resumes the run.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,11 +37,25 @@ def simulated(tiny_benchmark, tmp_path_factory):
         ledger.check(1.0, 1.0, 2)
     args = ["simulate", "--config", str(config), "--data", str(tiny_benchmark), "--sites", "3", "--rounds", "1",
             "--out", str(run)]
-    assert main(args) == 0
+    # The first run is the command as a log file sees it: its own process, output to a pipe.
+    done = subprocess.run([sys.executable, "-m", "medae", *args], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads((run / "metrics.json").read_text())
+    first["output"] = done.stdout + done.stderr
     args[args.index("--rounds") + 1] = "2"
     assert main(args) == 0  # same run folder: resumes after round 1
     return run, first, json.loads((run / "metrics.json").read_text())
+
+
+def test_output_to_a_pipe_is_plain_text_without_flower_noise(simulated):
+    _, first, _ = simulated
+    output = first["output"]
+    assert "round 1/1 done" in output and "image AUROC" in output
+    assert "\x1b" not in output  # no colour codes, Ray's "[repeated Nx]" notes included
+    assert "Ray deduplicates logs" not in output and "Manually terminating" not in output
+    assert "benchmark site-" not in output  # the report's stray data summary
+    assert any(len(line) > 80 for line in output.splitlines() if "┃" in line)  # the table is not cut at 80 columns
 
 
 def test_metrics_json_schema(simulated):
