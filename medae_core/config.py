@@ -173,6 +173,9 @@ class FederationConfig:
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"
     fraction_train: float = 1.0
     min_sites: int = 2
+    # Evaluate the global model (validation loss, threshold, test metrics) every N rounds;
+    # the last round always evaluates. Evaluation is about a third of a round's time.
+    evaluate_every: int = 1  # evaluate every N rounds; the last round always does
     proximal_mu: float = 0.01  # FedProx
     server_lr: float = 0.01  # FedAdam (eta)
     trim_beta: float = 0.2  # FedTrimmedAvg
@@ -185,7 +188,8 @@ class FederationConfig:
     benchmark_seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "federation", "rounds", "sites", "min_sites", "benchmark_patients", "server_lr")
+        _positive(self, "federation", "rounds", "sites", "min_sites", "evaluate_every", "benchmark_patients",
+                  "server_lr")
         _in_range(self, "federation", "fraction_train", 0.0, 1.0, low_open=True)
         _in_range(self, "federation", "trim_beta", 0.0, 0.5, high_open=True)
         _at_least(self, "federation", 0.0, "proximal_mu", "client_cpus", "client_gpus", "benchmark_test_patients")

@@ -211,9 +211,10 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
         for site, s in r.get("sites", {}).items():
             if s.get("status") == "ok":
                 eps.setdefault(site, []).append((r["round"], s["epsilon"]))
+    evaluated = [r for r in rounds if r.get("test")]  # federation.evaluate_every may skip rounds
     auroc = {
-        "this model": [(r["round"], (r.get("test") or {}).get("image_auroc")) for r in rounds],
-        "intensity baseline": [(r["round"], (r.get("baseline") or {}).get("image_auroc")) for r in rounds],
+        "this model": [(r["round"], r["test"].get("image_auroc")) for r in evaluated],
+        "intensity baseline": [(r["round"], (r.get("baseline") or {}).get("image_auroc")) for r in evaluated],
     }
     plots = []
     if any(loss.values()):

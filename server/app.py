@@ -59,6 +59,11 @@ def main(grid: Grid, context: Context) -> None:
     FederatedRun(grid, cfg, run_dir, registry=read_site_registry(Path(registry)) if registry else None).run()
 
 
+def evaluates(rnd: int, rounds: int, every: int) -> bool:
+    """Whether round ``rnd`` of ``rounds`` evaluates the global model: every ``every`` rounds, and always the last."""
+    return rnd == rounds or rnd % every == 0
+
+
 class FederatedRun:
     def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, registry: dict[int, str] | None = None):
         self.grid = grid
@@ -95,13 +100,17 @@ class FederatedRun:
     def _run(self, tracker: RunTracker) -> None:
         rounds = self.cfg.federation.rounds
         arrays = self.initial_arrays()
-        threshold = self.state.rounds[-1].get("threshold") if self.state.rounds else None
+        # The threshold of the last evaluated round (a resumed run may stop after one that was not).
+        threshold = next((r["threshold"] for r in reversed(self.state.rounds) if r.get("threshold") is not None),
+                         None)
         for rnd in range(self.state.rounds_done + 1, rounds + 1):
             log.info("round %d/%d: training", rnd, rounds)
             arrays, train_record = self.train_round(rnd, arrays)
-            log.info("round %d/%d: evaluating", rnd, rounds)
-            eval_record = self.evaluate_round(rnd, arrays, threshold)
-            threshold = eval_record.get("threshold", threshold)
+            eval_record = {}
+            if evaluates(rnd, rounds, self.cfg.federation.evaluate_every):
+                log.info("round %d/%d: evaluating", rnd, rounds)
+                eval_record = self.evaluate_round(rnd, arrays, threshold)
+                threshold = eval_record.get("threshold", threshold)
             record = {"round": rnd, **train_record, **eval_record}
             self.state.rounds.append(record)
             self.state.rounds_done = rnd
@@ -266,7 +275,8 @@ class FederatedRun:
 
     # -- persistence ----------------------------------------------------------------
     def save(self, arrays: ArrayRecord, threshold: float | None) -> None:
-        last = self.state.rounds[-1]
+        # The round that set the threshold: the last evaluated one (federation.evaluate_every).
+        last = next((r for r in reversed(self.state.rounds) if r.get("threshold") is not None), {})
         bundle = Bundle(
             config=self.cfg,
             state_dict=arrays.to_torch_state_dict(),

@@ -139,3 +139,33 @@ def test_an_evaluation_with_malformed_histograms_is_rejected(run):
     for counts in ([1, 2, 3], [-1] * N_SCORE_BINS):
         records, accepted = run.site_records([reply(counts)], train=False)
         assert not accepted and records["site-1"]["status"] == "rejected"
+
+
+def test_evaluation_every_n_rounds_and_always_in_the_last(tiny_cfg, tmp_path):
+    from medae_core.bundle import load_bundle
+    from server.app import evaluates
+
+    cfg = tiny_cfg.with_overrides({"federation.rounds": 5, "federation.evaluate_every": 2})
+    calls = []
+
+    class Run(FederatedRun):  # the round loop as it is; training and evaluation stand in for the sites
+        def train_round(self, rnd, arrays):
+            return arrays, {"train_loss": 0.1, "sites": {}}
+
+        def evaluate_round(self, rnd, arrays, threshold):
+            calls.append((rnd, threshold))
+            return {"val_loss": 0.2, "threshold": 0.01 * len(calls), "n_healthy": 40, "eval_sites": {},
+                    "test": {"image_auroc": 0.7}, "baseline": {"image_auroc": 0.6}}
+
+    run = Run(grid=None, cfg=cfg, run_dir=tmp_path / "run")
+    run.run()
+    # Rounds 2 and 4 by the rule, 5 as the last, then the final pass at round 5's threshold.
+    assert calls == [(2, None), (4, 0.01), (5, 0.02), (5, 0.03)]
+    rounds = run.metrics()["rounds"]
+    assert [("test" in r) for r in rounds] == [False, True, False, True, True]
+    bundle = load_bundle(tmp_path / "run" / "model")
+    assert bundle.threshold.value == pytest.approx(0.03) and bundle.threshold.n_healthy == 40
+    assert [r for r in range(1, 8) if evaluates(r, 7, 3)] == [3, 6, 7]
+    assert all(evaluates(r, 4, 1) for r in range(1, 5))
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert 'alt="AUROC per round"' in page
