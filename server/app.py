@@ -22,6 +22,7 @@ the name the ClientApp derives from its partition.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,13 +106,17 @@ class FederatedRun:
                          None)
         for rnd in range(self.state.rounds_done + 1, rounds + 1):
             log.info("round %d/%d: training", rnd, rounds)
+            started = time.monotonic()
             arrays, train_record = self.train_round(rnd, arrays)
+            timing = {"train_seconds": time.monotonic() - started}
             eval_record = {}
             if evaluates(rnd, rounds, self.cfg.federation.evaluate_every):
                 log.info("round %d/%d: evaluating", rnd, rounds)
+                started = time.monotonic()
                 eval_record = self.evaluate_round(rnd, arrays, threshold)
+                timing["eval_seconds"] = time.monotonic() - started
                 threshold = eval_record.get("threshold", threshold)
-            record = {"round": rnd, **train_record, **eval_record}
+            record = {"round": rnd, **train_record, **eval_record, **timing}
             self.state.rounds.append(record)
             self.state.rounds_done = rnd
             self.save(arrays, threshold)

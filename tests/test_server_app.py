@@ -163,6 +163,8 @@ def test_evaluation_every_n_rounds_and_always_in_the_last(tiny_cfg, tmp_path):
     assert calls == [(2, None), (4, 0.01), (5, 0.02), (5, 0.03)]
     rounds = run.metrics()["rounds"]
     assert [("test" in r) for r in rounds] == [False, True, False, True, True]
+    assert [("eval_seconds" in r) for r in rounds] == [False, True, False, True, True]
+    assert all(r["train_seconds"] >= 0 for r in rounds)
     bundle = load_bundle(tmp_path / "run" / "model")
     assert bundle.threshold.value == pytest.approx(0.03) and bundle.threshold.n_healthy == 40
     assert [r for r in range(1, 8) if evaluates(r, 7, 3)] == [3, 6, 7]

@@ -61,6 +61,7 @@ def test_output_to_a_pipe_is_plain_text_without_flower_noise(simulated):
 def test_metrics_json_schema(simulated):
     run, _, metrics = simulated
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert all(r["train_seconds"] > 0 and r["eval_seconds"] > 0 for r in metrics["rounds"])
     sites = {s["site"]: s for s in metrics["sites"]}
     assert set(sites) == {"site-1", "site-2"}
     for s in sites.values():
