@@ -95,6 +95,10 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+# More sites than this are followed on one line (a 1,000-site simulation would not fit a screen).
+MAX_SITE_ROWS = 8
+
+
 @contextlib.contextmanager
 def follow_simulation(run_dir: Path, cfg: RunConfig):
     """Live display of a simulation: rounds (with the time left), then each site's steps and ε so far.
@@ -128,16 +132,25 @@ def follow_simulation(run_dir: Path, cfg: RunConfig):
                 done = int(state.get("rounds_done", 0))
                 current = min(done + 1, rounds)
                 spent = {name: s.get("epsilon") for name, s in (state.get("sites") or {}).items()}
-                fractions = []
+                fractions, rows = [], []
                 for site, p in read_progress(run_dir).items():
                     here = p.get("round") == current and done < rounds
                     frac = (p["done"] / p["total"]) if here and p.get("total") else (1.0 if done >= rounds else 0.0)
                     fractions.append(frac)
                     eps = spent.get(site)
                     label = f"  {site}" + (f" · ε {eps:.2f}" if eps is not None and cfg.privacy.enabled else "")
+                    steps = f"{p['done']}/{p['total']} steps" if here else ("done" if done >= rounds else "waiting")
+                    rows.append((site, label, frac, steps))
+                if len(rows) > MAX_SITE_ROWS:  # a large federation: one line for all its sites
+                    known = [e for e in spent.values() if e is not None]
+                    rows = [("all sites", f"  {len(rows)} sites" + (f" · ε ≤ {max(known):.2f}" if known and
+                                                                   cfg.privacy.enabled else ""),
+                             sum(fractions) / len(fractions),
+                             f"{sum(f >= 1.0 for f in fractions)} trained, {sum(0 < f < 1 for f in fractions)} "
+                             f"training")]
+                for site, label, frac, steps in rows:
                     if site not in sites:
                         sites[site] = bar.add_task(label, total=1.0, count="")
-                    steps = f"{p['done']}/{p['total']} steps" if here else ("done" if done >= rounds else "waiting")
                     bar.update(sites[site], completed=frac, description=label, count=steps)
                 training = fractions and done < rounds and min(fractions) < 1.0
                 phase = "training" if training else ("evaluating" if fractions and done < rounds else "")

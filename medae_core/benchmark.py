@@ -698,6 +698,7 @@ def make_benchmark(
     test_patients: int | None = None,
     public: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Write the synthetic multi-site DICOM benchmark into ``out`` and return its summary.
 
@@ -710,6 +711,9 @@ def make_benchmark(
     only the public set is wanted. The summary (also written to ``out/benchmark.json``)
     lists per site the patient and slice counts, the anomalous test slices per lesion
     kind and the site's appearance parameters.
+
+    ``workers``: processes to write with (default: every CPU this process may use,
+    for 60 patients or more). The files are identical whatever it is.
     """
     out = Path(out)
     checks = (("sites", sites, 0), ("patients", patients, 3), ("seed", seed, 0),
@@ -735,12 +739,8 @@ def make_benchmark(
             )
     out.mkdir(parents=True, exist_ok=True)
 
-    anat = _anatomy()
     n_train = patients - n_test
     total = sites * patients + public
-    done = 0
-    if progress is not None:
-        progress(0, total)
     params = {"sites": sites, "patients": patients, "seed": seed, "slices_per_patient": slices_per_patient}
     if test_patients is not None:
         params["test_patients"] = n_test
@@ -755,80 +755,158 @@ def make_benchmark(
         "label_rule": LABEL_RULE,
         "sites": [],
     }
+    # Independent pieces of work: every patient has its own random stream, so healthy training
+    # patients are written in chunks in any order; a site's test patients share its lesion plan
+    # and are one piece. The files are the same whatever the number of workers.
+    tasks: list[tuple[Callable, tuple, int]] = []
+    for si in range(sites):
+        for first in range(0, n_train, _CHUNK):
+            chunk = list(range(first, min(first + _CHUNK, n_train)))
+            tasks.append((_write_train_patients, (out, seed, si, chunk, slices_per_patient, params), len(chunk)))
+        tasks.append((_write_test_patients, (out, seed, si, n_train, patients, slices_per_patient, params), n_test))
+    for first in range(0, public, _CHUNK):
+        chunk = list(range(first, min(first + _CHUNK, public)))
+        tasks.append((_write_public_patients, (out / "public", seed, chunk, slices_per_patient), len(chunk)))
+    results = _run_tasks(tasks, total, progress, workers)
+
+    k = 0
     for si in range(sites):
         site = _site_appearance(seed, si)
-        site_dir = out / site.name
-        # Every site gets all lesion kinds: test patients alternate with/without a mass,
-        # and white-matter lesions alternate bright/dark across the site.
-        kinds_rng = np.random.default_rng([seed, 2000 + si])
-        mass_parity = int(kinds_rng.integers(2))
-        wm_first = ["bright_wm", "dark_wm"] if kinds_rng.random() < 0.5 else ["dark_wm", "bright_wm"]
-        lesion_plan = _LesionPlan(wm_kinds=deque(wm_first), slice_counts=np.zeros(slices_per_patient))
+        train_slices = 0
+        while tasks[k][0] is _write_train_patients:
+            train_slices += results[k]
+            k += 1
+        test = results[k]
+        k += 1
         site_sum: dict[str, Any] = {
             "name": site.name,
             "appearance": asdict(site),
-            "train": {"patients": n_train, "slices": 0},
-            "test": {
-                "patients": n_test,
-                "slices": 0,
-                "anomalous_slices": 0,
-                "healthy_slices": 0,
-                "anomalous_slices_by_kind": {k: 0 for k in LESION_KINDS},
-                "lesions_by_kind": {k: 0 for k in LESION_KINDS},
-            },
-            "anomalous_slice_kinds": {},
+            "train": {"patients": n_train, "slices": train_slices},
+            "test": test["test"],
+            "anomalous_slice_kinds": test["anomalous_slice_kinds"],
         }
         site_sum["appearance"]["bias_coefficients"] = list(site.bias_coefficients)
-        rows: list[tuple[str, int, str]] = []
-        for pi in range(patients):
-            is_test = pi >= n_train
-            pid = f"S{si + 1}-P{pi + 1:03d}"
-            rng = np.random.default_rng([seed, si, pi, 7])
-            if is_test:
-                lesion_plan.with_mass = (pi - n_train) % 2 == mass_parity
-            pat = _render_patient(anat, site, rng, slices_per_patient, lesion_plan if is_test else None)
-            if is_test:
-                lesion_plan.slice_counts += pat.masks.any(axis=(1, 2))
-            split = "test" if is_test else "train"
-            uid_key = ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
-            _write_patient(anat, site, si, pid, pi + 1, pat, site_dir / split / pid, uid_key)
-            if is_test:
-                for k in range(len(pat.z_mm)):
-                    rel = f"{pid}/{k:03d}.dcm"
-                    if pat.masks[k].any():
-                        (site_dir / "test" / "masks").mkdir(parents=True, exist_ok=True)
-                        mask_rel = f"masks/{pid}_{k:03d}.png"
-                        _write_mask(site_dir / "test" / mask_rel, pat.masks[k])
-                        rows.append((rel, 1, mask_rel))
-                        site_sum["anomalous_slice_kinds"][rel] = list(pat.kinds[k])
-                        for kd in pat.kinds[k]:
-                            site_sum["test"]["anomalous_slices_by_kind"][kd] += 1
-                    else:
-                        rows.append((rel, 0, ""))
-                site_sum["test"]["slices"] += len(pat.z_mm)
-                for les in pat.lesions:
-                    site_sum["test"]["lesions_by_kind"][les.kind] += 1
-            else:
-                site_sum["train"]["slices"] += len(pat.z_mm)
+        summary["sites"].append(site_sum)
+        log.debug("benchmark %s: %d train / %d test patients, %d/%d anomalous test slices", site.name, n_train,
+                  n_test, test["test"]["anomalous_slices"], test["test"]["slices"])
+    if public:
+        summary["public"] = _public_summary(seed, public, slices_per_patient)
+    (out / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+# Healthy patients per piece of work, and the fewest patients worth starting worker processes for
+# (each costs about two seconds to start: imports and the MNI152 template).
+_CHUNK = 10
+PARALLEL_MIN_PATIENTS = 60
+
+
+def _run_tasks(tasks: list[tuple[Callable, tuple, int]], total: int,
+               progress: Callable[[int, int], None] | None, workers: int | None) -> list[Any]:
+    """Each task's result, in order; in spawned worker processes when there is enough work and more than one CPU."""
+    from medae_core.data.dataset import _cpu_count  # the CPUs this process may use
+
+    chosen = workers
+    workers = min(_cpu_count() if chosen is None else chosen, len(tasks))
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    if workers < 2 or (chosen is None and total < PARALLEL_MIN_PATIENTS):  # here, patient by patient
+
+        def tick() -> None:
+            nonlocal done
             done += 1
             if progress is not None:
                 progress(done, total)
-        with (site_dir / "test" / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["path", "label", "mask"])
-            writer.writerows(rows)
-        n_anom = sum(r[1] for r in rows)
-        site_sum["test"]["anomalous_slices"] = n_anom
-        site_sum["test"]["healthy_slices"] = len(rows) - n_anom
-        summary["sites"].append(site_sum)
-        log.debug("benchmark %s: %d train / %d test patients, %d/%d anomalous test slices",
-                  site.name, n_train, n_test, n_anom, len(rows))
-    if public:
-        offset = done
-        summary["public"] = _make_public(out / "public", anat, seed, public, slices_per_patient,
-                                         (lambda k: progress(offset + k, total)) if progress else None)
-    (out / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+        return [fn(*args, tick) for fn, args, _ in tasks]
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    results: list[Any] = [None] * len(tasks)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(fn, *args): (i, n) for i, (fn, args, n) in enumerate(tasks)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                i, n = futures[future]
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()
+                results[i] = future.result()
+                done += n
+                if progress is not None:
+                    progress(done, total)
+    return results
+
+
+def _write_train_patients(out: Path, seed: int, si: int, pis: list[int], slices_per_patient: int,
+                          params: dict[str, Any], tick: Callable[[], None] = lambda: None) -> int:
+    """Healthy training patients ``pis`` of site ``si``; returns the slices written."""
+    anat, site = _anatomy(), _site_appearance(seed, si)
+    slices = 0
+    for pi in pis:
+        pid = f"S{si + 1}-P{pi + 1:03d}"
+        pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, None)
+        uid_key = ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
+        _write_patient(anat, site, si, pid, pi + 1, pat, out / site.name / "train" / pid, uid_key)
+        slices += len(pat.z_mm)
+        tick()
+    return slices
+
+
+def _write_test_patients(out: Path, seed: int, si: int, n_train: int, patients: int, slices_per_patient: int,
+                         params: dict[str, Any], tick: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Site ``si``'s test patients, their masks and labels.csv; returns the test part of the site's summary."""
+    anat, site = _anatomy(), _site_appearance(seed, si)
+    site_dir = out / site.name
+    # Every site gets all lesion kinds: test patients alternate with/without a mass,
+    # and white-matter lesions alternate bright/dark across the site.
+    kinds_rng = np.random.default_rng([seed, 2000 + si])
+    mass_parity = int(kinds_rng.integers(2))
+    wm_first = ["bright_wm", "dark_wm"] if kinds_rng.random() < 0.5 else ["dark_wm", "bright_wm"]
+    lesion_plan = _LesionPlan(wm_kinds=deque(wm_first), slice_counts=np.zeros(slices_per_patient))
+    test: dict[str, Any] = {
+        "patients": patients - n_train,
+        "slices": 0,
+        "anomalous_slices": 0,
+        "healthy_slices": 0,
+        "anomalous_slices_by_kind": {k: 0 for k in LESION_KINDS},
+        "lesions_by_kind": {k: 0 for k in LESION_KINDS},
+    }
+    kinds: dict[str, list[str]] = {}
+    rows: list[tuple[str, int, str]] = []
+    for pi in range(n_train, patients):
+        pid = f"S{si + 1}-P{pi + 1:03d}"
+        lesion_plan.with_mass = (pi - n_train) % 2 == mass_parity
+        pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, lesion_plan)
+        lesion_plan.slice_counts += pat.masks.any(axis=(1, 2))
+        uid_key = ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
+        _write_patient(anat, site, si, pid, pi + 1, pat, site_dir / "test" / pid, uid_key)
+        for k in range(len(pat.z_mm)):
+            rel = f"{pid}/{k:03d}.dcm"
+            if pat.masks[k].any():
+                (site_dir / "test" / "masks").mkdir(parents=True, exist_ok=True)
+                mask_rel = f"masks/{pid}_{k:03d}.png"
+                _write_mask(site_dir / "test" / mask_rel, pat.masks[k])
+                rows.append((rel, 1, mask_rel))
+                kinds[rel] = list(pat.kinds[k])
+                for kd in pat.kinds[k]:
+                    test["anomalous_slices_by_kind"][kd] += 1
+            else:
+                rows.append((rel, 0, ""))
+        test["slices"] += len(pat.z_mm)
+        for les in pat.lesions:
+            test["lesions_by_kind"][les.kind] += 1
+        tick()
+    with (site_dir / "test" / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", "label", "mask"])
+        writer.writerows(rows)
+    test["anomalous_slices"] = sum(r[1] for r in rows)
+    test["healthy_slices"] = len(rows) - test["anomalous_slices"]
+    return {"test": test, "anomalous_slice_kinds": kinds}
 
 
 def _write_patient(anat, site: SiteAppearance, site_index: int, pid: str, number: int, pat: _Patient,
@@ -843,19 +921,24 @@ def _write_patient(anat, site: SiteAppearance, site_index: int, pid: str, number
                      origin=(x0, y0, float(pat.z_mm[k])), uid_key=uid_key)
 
 
-def _make_public(out: Path, anat, seed: int, n: int, slices_per_patient: int,
-                 progress: Callable[[int], None] | None) -> dict[str, Any]:
-    """``n`` healthy patients over `PUBLIC_SCANNERS` public scanners, in ``out`` (one folder per patient)."""
+def _write_public_patients(out: Path, seed: int, js: list[int], slices_per_patient: int,
+                           tick: Callable[[], None] = lambda: None) -> int:
+    """Healthy public patients ``js`` over `PUBLIC_SCANNERS` public scanners, in ``out`` (one folder per patient)."""
+    anat = _anatomy()
     scanners = [_site_appearance(seed, j, public=True) for j in range(PUBLIC_SCANNERS)]
-    for j in range(n):
+    for j in js:
         scanner = scanners[j % len(scanners)]
         pid = f"PUB-P{j + 1:04d}"
         rng = np.random.default_rng([seed, PUBLIC_STREAM, j, 7])
         pat = _render_patient(anat, scanner, rng, slices_per_patient, None)
         uid_key = ["medae-benchmark-public", str(GENERATOR_VERSION), str(seed), str(slices_per_patient), pid]
         _write_patient(anat, scanner, 100 + j % len(scanners), pid, j + 1, pat, out / pid, uid_key)
-        if progress is not None:
-            progress(j + 1)
+        tick()
+    return len(js)
+
+
+def _public_summary(seed: int, n: int, slices_per_patient: int) -> dict[str, Any]:
+    scanners = [_site_appearance(seed, j, public=True) for j in range(PUBLIC_SCANNERS)]
     return {
         "patients": n,
         "slices": n * slices_per_patient,

@@ -27,17 +27,25 @@ PRIVACY_NOTE = (
 )
 
 
+# Up to this many sites are named one by one in a round's line and the report's tables.
+SITES_LISTED = 12
+
+
 def round_summary(record: dict) -> str:
     parts = []
     if record.get("train_loss") is not None:
         parts.append(f"train loss {record['train_loss']:.4f}")
     if record.get("val_loss") is not None:
         parts.append(f"val loss {record['val_loss']:.4f}")
-    eps = [f"{n} ε={s['epsilon']:.2f}" for n, s in record["sites"].items() if s["status"] == "ok"]
+    spent = {n: s["epsilon"] for n, s in record["sites"].items() if s["status"] == "ok"}
     refused = [n for n, s in record["sites"].items() if s["status"] != "ok"]  # refused or rejected
-    if eps:
-        parts.append(", ".join(eps))
-    if refused:
+    if len(spent) > SITES_LISTED:  # a large federation: the range, not a thousand names
+        parts.append(f"{len(spent)} sites trained, ε {min(spent.values()):.2f}–{max(spent.values()):.2f}")
+    elif spent:
+        parts.append(", ".join(f"{n} ε={e:.2f}" for n, e in spent.items()))
+    if len(refused) > SITES_LISTED:
+        parts.append(f"refused: {len(refused)} sites ({', '.join(refused[:3])}, …)")
+    elif refused:
         parts.append("refused: " + ", ".join(refused))
     auroc = (record.get("test") or {}).get("image_auroc")
     if auroc is not None:
@@ -223,6 +231,13 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
     if any(y is not None for _, y in auroc["this model"]):
         plots.append(_img(figures.line_figure(auroc, "round", "image AUROC", "Image AUROC per round (pooled)",
                                               integer_x=True, hlines={"chance": 0.5}), "AUROC per round"))
+    if len(eps) > SITES_LISTED:  # a line per site would be a smear: the spread over sites instead
+        by_round: dict[int, list[float]] = {}
+        for points in eps.values():
+            for rnd, e in points:
+                by_round.setdefault(rnd, []).append(e)
+        eps = {f"{name} over {len(eps)} sites": [(rnd, pick(v)) for rnd, v in sorted(by_round.items())]
+               for name, pick in (("most", max), ("median", lambda v: float(np.median(v))), ("least", min))}
     if eps and cfg.privacy.enabled:
         plots.append(_img(figures.line_figure(eps, "round", "ε spent", "Privacy spent per site", integer_x=True,
                                               hlines={f"budget ε = {cfg.privacy.budget_epsilon:g}":
@@ -243,15 +258,23 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
                             *(t.get(k) for k in RESULT_KEYS[1:])])
     refusals = [[r["round"], site, s.get("reason")] for r in rounds for site, s in r.get("sites", {}).items()
                 if s.get("status") != "ok"]
+    site_header = ["site", "images / round", "ε", "δ", "ε budget", "privacy unit", "trained parameters",
+                   "noise / signal"]
+    metric_header = ["site (own test images)", LABELS["image_auroc"], LABELS["baseline_image_auroc"],
+                     *(LABELS[k] for k in RESULT_KEYS[1:])]
+    every_site = _table(site_header, site_rows) + _table(metric_header, metric_rows)
+    if len(site_rows) > SITES_LISTED:  # a large federation: the spread first, every site on request
+        every_site = (_spread_table(site_header, site_rows, metric_header, metric_rows)
+                      + f"<details><summary>every site ({len(site_rows)})</summary>{every_site}</details>")
+    refused_table = _table(["round", "site", "reason"], refusals)
+    if len(refusals) > SITES_LISTED:
+        refused_table = f"<details><summary>{len(refusals)} refusals and rejections</summary>{refused_table}</details>"
     sections.append(
         "<h2>Sites</h2>"
-        + _table(["site", "images / round", "ε", "δ", "ε budget", "privacy unit", "trained parameters",
-                  "noise / signal"], site_rows)
-        + _table(["site (own test images)", LABELS["image_auroc"], LABELS["baseline_image_auroc"],
-                  *(LABELS[k] for k in RESULT_KEYS[1:])], metric_rows)
+        + every_site
         + "<p class=note>noise / signal: norm of the DP noise on a site's run-averaged update in units of the "
           "clipped signal (σ·√d / (B·√T)); above 1 only a small move from the starting point survives it.</p>"
-        + (("<h3>Refused rounds and rejected updates</h3>" + _table(["round", "site", "reason"], refusals)) if refusals else "")
+        + (("<h3>Refused rounds and rejected updates</h3>" + refused_table) if refusals else "")
     )
 
     results = "<h2>Test results</h2>" + _table(["scorer", *(LABELS[k] for k in RESULT_KEYS)], results_rows(metrics))
@@ -296,6 +319,25 @@ def write_report(run_dir: Path, metrics: dict[str, Any], bundle, reference=None)
     path = Path(run_dir) / "report.html"
     path.write_text(page)
     return path
+
+
+def _spread_table(site_header: list[str], site_rows: list[list], metric_header: list[str],
+                  metric_rows: list[list]) -> str:
+    """Each numeric per-site column as its spread over sites: least, quartiles, most, and how many sites have it."""
+    rows = []
+    for header, table in ((site_header, site_rows), (metric_header, metric_rows)):
+        for j, name in enumerate(header[1:], start=1):
+            values = np.array([r[j] for r in table if isinstance(r[j], int | float) and not isinstance(r[j], bool)],
+                              dtype=float)
+            if values.size:
+                rows.append([name, *np.quantile(values, [0.0, 0.25, 0.5, 0.75, 1.0]), values.size])
+    model = {r[0]: r[1] for r in metric_rows if isinstance(r[1], int | float)}
+    base = {r[0]: r[2] for r in metric_rows if isinstance(r[2], int | float)}
+    both = [site for site in model if site in base]
+    beats = (f"<p>{sum(model[s] > base[s] for s in both)} of {len(both)} sites with test labels score a higher "
+             f"image AUROC on their own test images than their intensity-threshold baseline.</p>") if both else ""
+    return (f"<p>{len(site_rows)} sites: each row is one per-site number's spread over the sites.</p>"
+            + _table(["per site", "least", "25%", "median", "75%", "most", "sites"], rows) + beats)
 
 
 def reference_images(cfg, n: int = 6, seed: int = 12345):

@@ -236,3 +236,19 @@ def test_test_patients_sets_the_split_and_bad_values_are_refused(tmp_path):
             make_benchmark(tmp_path / f"bad{bad}", sites=1, patients=5, test_patients=bad)
     with pytest.raises(DataError, match="nothing to write"):
         make_benchmark(tmp_path / "none", sites=0)
+
+
+def test_worker_processes_write_the_same_files_as_one_process(tmp_path):
+    small = dict(sites=2, patients=14, slices_per_patient=3, public=11, seed=3)  # several chunks per site
+    calls = []
+    one = make_benchmark(tmp_path / "one", workers=1, **small)
+    two = make_benchmark(tmp_path / "two", workers=2, progress=lambda d, t: calls.append((d, t)), **small)
+    assert one == two
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len(files) > 2 * 14 * 3
+    for rel in files:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+    total = 2 * 14 + 11
+    assert calls[0] == (0, total) and calls[-1] == (total, total)  # whole pieces of work at a time
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)

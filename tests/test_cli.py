@@ -311,3 +311,26 @@ def test_flowers_actor_teardown_notice_is_dropped_and_its_other_warnings_kept():
     finally:
         flwr.removeHandler(handler)
     assert seen == ["a real warning"]
+
+
+@pytest.mark.parametrize("n_sites", [3, 40])
+def test_the_live_display_shows_each_site_of_a_small_federation_and_one_line_for_a_large_one(
+        n_sites, tmp_path, monkeypatch, capsys):
+    import time
+
+    from medae.console import MAX_SITE_ROWS, follow_simulation
+    from medae_core.config import RunConfig
+    from medae_core.federated import write_site_progress
+
+    monkeypatch.setenv("MEDAE_PROGRESS", "1")  # stderr is not a terminal under pytest
+    for k in range(n_sites):
+        write_site_progress(tmp_path, f"site-{k + 1}", 1, done=k % 4, total=4)
+    with follow_simulation(tmp_path, RunConfig()):
+        time.sleep(1.5)  # the display polls every 0.5 s
+    shown = capsys.readouterr().err
+    assert "federation: round 1/5" in shown
+    if n_sites <= MAX_SITE_ROWS:
+        assert all(f"site-{k + 1} " in shown for k in range(n_sites)) and "2/4 steps" in shown
+    else:
+        assert f"{n_sites} sites" in shown and "site-17" not in shown
+        assert f"{n_sites // 4 * 3} training" in shown  # the sites at 1, 2 or 3 of 4 steps

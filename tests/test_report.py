@@ -111,3 +111,32 @@ def test_the_report_has_the_baseline_banners_delta_and_every_figure(tmp_path, ti
     chance = _run_metrics(-1, tiny_cfg)  # anomalous images score a little lower: worse than a coin toss
     page = write_report(tmp_path, chance, bundle).read_text()
     assert "near chance" in page and "class=alert" in page
+
+
+def test_a_thousand_site_report_shows_the_spread_and_keeps_every_site_folded(tmp_path, tiny_cfg):
+    from medae_core.bundle import Bundle, Threshold
+    from medae_core.models import build_model
+    from medae_core.report import SITES_LISTED, round_summary, write_report
+
+    bundle = Bundle(tiny_cfg, build_model(tiny_cfg.model, seed=0).state_dict(),
+                    Threshold(value=0.025, percentile=95.0, n_healthy=40, method="federated-histogram"))
+    m = _run_metrics(12, tiny_cfg)
+    n = 1000
+    sites = {f"site-{k}": {"status": "ok", "epsilon": 3.0 + k / n, "trained_parameters": 1000,
+                           "noise_to_signal": 0.5} for k in range(1, n + 1)}
+    sites["site-7"] = {"status": "refused", "reason": "site site-7: refused: budget spent"}
+    for r in m["rounds"]:
+        r["sites"] = sites
+    m["sites"] = [{"site": name, "epsilon": s.get("epsilon", 8.0), "delta": 1e-5, "budget_epsilon": 8.0,
+                   "privacy_unit": "patient", "num_examples": 100,
+                   "test": {"image_auroc": 0.6 + 0.3 * (k % 2), "baseline_image_auroc": 0.7}}
+                  for k, (name, s) in enumerate(sites.items())]
+    page = write_report(tmp_path, m, bundle).read_text()
+    visible, folded = page.split("<details><summary>every site (1000)</summary>")
+    assert "site-500<" not in visible and "site-500<" in folded  # every site is there, folded away
+    assert "1000 sites: each row" in visible and ">median<" in visible
+    assert "500 of 1000 sites with test labels" in visible  # half the sites beat their own baseline
+    assert 'alt="epsilon per site"' in page
+    line = round_summary(m["rounds"][0])
+    assert "999 sites trained, ε 3.00–4.00" in line and "refused: site-7" in line and "site-500" not in line
+    assert len(line) < 200 and SITES_LISTED < 999
