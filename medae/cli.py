@@ -267,6 +267,20 @@ def _exit_if_untrained(metrics: dict) -> int:
 
 
 # -- privacy ------------------------------------------------------------------------
+def cmd_cache(args) -> int:
+    from medae_core.data import cache as image_cache
+
+    root = image_cache.cache_dir()
+    if args.clear:
+        removed = image_cache.clear(root)
+        out.print(f"image cache {root}: {removed} entries deleted")
+        return 0
+    entries, size = image_cache.usage(root)
+    out.print(f"image cache {root}: {entries} files' decoded slices, {size / 2**20:.1f} MiB "
+              f"(used where [data] cache = true; `medae cache --clear` empties it)")
+    return 0
+
+
 def cmd_privacy_epsilon(args) -> int:
     from medae_core.privacy import compute_epsilon
 
@@ -472,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a site folder (SITE/train, SITE/test) or any folder of images")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout, with every skipped file")
     add_config_option(p)
+
+    p = _command(sub, "cache", "where the image cache is and its size, or empty it ([data] cache = true)",
+                 "medae cache --clear", cmd_cache)
+    p.add_argument("--clear", action="store_true", help="delete every cached image (only the cache's own files)")
 
     p = _command(sub, "make-benchmark", "write the built-in synthetic brain-MRI benchmark as DICOM",
                  "medae make-benchmark --out data/bench --sites 3 --patients 165 --public 200", cmd_make_benchmark)

@@ -64,6 +64,14 @@ class DataConfig:
     # or a NIfTI volume's shape x dtype), in MiB, read from the header before decoding;
     # larger files are skipped with a reason. 1 GiB admits a 1000-slice 512 px CT in one file.
     max_image_mb: float = 1024.0
+    # Keep each file's decoded, normalised slices between runs in an image cache outside the
+    # data folder ($MEDAE_CACHE_DIR, else ~/.cache/medae/images), keyed by the file's bytes and
+    # these settings. Off by default: it is a second copy of patient pixels (`medae cache`).
+    cache: bool = False  # decoded images kept in $MEDAE_CACHE_DIR (default ~/.cache/medae/images)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The settings that decide what reading a file gives (not how patients are split, nor caching)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("val_fraction", "cache")}
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:

@@ -9,6 +9,7 @@ benchmark's generator). Curves come from pooled histogram counts.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import re
 import time
@@ -354,7 +355,8 @@ def reference_images(cfg, n: int = 6, seed: int = 12345):
     with tempfile.TemporaryDirectory(prefix="medae-reference-") as tmp:
         root = Path(tmp) / "ref"
         make_benchmark(root, sites=1, patients=3, seed=seed, slices_per_patient=10)
-        site = load_site(next(p for p in root.iterdir() if p.is_dir()), cfg.data, cfg.model.image_size)
+        site = load_site(next(p for p in root.iterdir() if p.is_dir()), dataclasses.replace(cfg.data, cache=False),
+                         cfg.model.image_size)  # synthetic slices: nothing to keep
     test = site.test
     if test is None or test.labels is None:
         return None

@@ -74,7 +74,7 @@ def check_compatible(start: RunConfig, cfg: RunConfig, init: str) -> None:
             f"{', '.join(f'{k}={want[k]}' for k in diff)}; pretrain that model with `medae pretrain`, "
             "or set train.init = \"none\""
         )
-    if start.data != cfg.data:
+    if start.data.preprocessing() != cfg.data.preprocessing():
         log.warning("train.init %s was trained with other [data] (preprocessing) settings than this run", init)
 
 

@@ -31,7 +31,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from medae_core.config import DataConfig
-from medae_core.data.readers import Slice, UnusableFile, file_format, read_file, read_mask, to_square
+from medae_core.data import cache as image_cache
+from medae_core.data.readers import MIB, Slice, UnusableFile, file_format, read_file, read_mask, to_square
 from medae_core.errors import ConfigError, DataError, NoUsableImagesError
 
 log = logging.getLogger(__name__)
@@ -253,15 +254,39 @@ class _FileRead:
     format: str = ""
 
 
-def _read_sized(path: Path, rel: str, data: DataConfig, size: int) -> _FileRead:
+def _read_sized(path: Path, rel: str, data: DataConfig, size: int, cache_root: Path | None = None) -> _FileRead:
+    """One file at model size: from the image cache when it holds this file's bytes and settings."""
+    key = None
+    if cache_root is not None:
+        key = image_cache.file_key(path, rel, image_cache.preprocessing_key(data, size), data.max_image_mb * MIB)
+        cached = image_cache.load(cache_root, key) if key is not None else None
+        if cached is not None:
+            return _from_cache(*cached)
     try:
         slices = read_checked(path, rel, data)
+        result = _FileRead(
+            slices=[replace(s, image=to_square(s.image, size)) for s in slices],
+            shapes=[s.image.shape for s in slices],
+            format=file_format(path),
+        )
     except UnusableFile as exc:
-        return _FileRead(reason=exc.reason)
+        result = _FileRead(reason=exc.reason)
+    if key is not None:
+        images = (np.stack([s.image for s in result.slices]) if result.slices
+                  else np.zeros((0, size, size), np.float32))
+        meta = {"reason": result.reason, "format": result.format, "shapes": [list(x) for x in result.shapes],
+                "slices": [{"frame": s.frame, "patient": s.patient, "modality": s.modality,
+                            "photometric": s.photometric} for s in result.slices]}
+        image_cache.store(cache_root, key, images, meta)
+    return result
+
+
+def _from_cache(images: np.ndarray, meta: dict) -> _FileRead:
     return _FileRead(
-        slices=[replace(s, image=to_square(s.image, size)) for s in slices],
-        shapes=[s.image.shape for s in slices],
-        format=file_format(path),
+        reason=meta["reason"],
+        slices=[Slice(image=image, **s) for image, s in zip(images, meta["slices"], strict=True)],
+        shapes=[tuple(x) for x in meta["shapes"]],
+        format=meta["format"],
     )
 
 
@@ -272,7 +297,11 @@ def _read_many(root: Path, rels: list[str], data: DataConfig, size: int) -> Iter
     of seconds. Workers are spawned (not forked: the caller may hold torch
     threads) and cost about a second to start, hence only for large folders.
     """
-    args = [(root / rel, rel, data, size) for rel in rels]
+    cache_root = None
+    if data.cache:
+        cache_root = image_cache.cache_dir()
+        check_cache_location(cache_root, root)
+    args = [(root / rel, rel, data, size, cache_root) for rel in rels]
     workers = min(_cpu_count(), MAX_WORKERS)
     if len(args) < PARALLEL_MIN_FILES or workers < 2:
         return (_read_sized(*a) for a in args)
@@ -289,6 +318,16 @@ def _pooled(pool: ProcessPoolExecutor, args: list[tuple]) -> Iterator[_FileRead]
         yield from pool.map(_read_sized, *zip(*args), chunksize=16)
     finally:  # on an error (e.g. a ConfigError from a worker) do not read the rest
         pool.shutdown(cancel_futures=True)
+
+
+def check_cache_location(cache_root: Path, data_root: Path) -> None:
+    """The image cache may not be in (or hold) a data folder: nothing is ever written into one."""
+    cache, data = Path(os.path.abspath(cache_root)), Path(os.path.abspath(data_root))
+    if cache == data or data in cache.parents or cache in data.parents:
+        raise ConfigError(
+            f"data.cache: the image cache {cache} is inside the data folder {data} (or holds it); medae never "
+            f"writes into a data folder. Set {image_cache.CACHE_ENV} to a folder outside it."
+        )
 
 
 def _cpu_count() -> int:
