@@ -40,23 +40,27 @@ ALL_MODES = ["nondp", "bk", "hooks", "ghost", "ew", "functorch"]
 
 def make_step(kind: str, mode: str, args) -> tuple[callable, int, callable]:
     cfg = ModelConfig(kind=kind, image_size=args.image_size, channels=tuple(args.channels), latent_dim=args.latent_dim)
-    model = build_model(cfg, seed=0)
+    device = torch.device(args.device)
+    model = build_model(cfg, seed=0).to(device)
     model.train()
-    x = torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(args.batch_size, 1, args.image_size, args.image_size,
+                   generator=torch.Generator().manual_seed(0)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     stepper = Stepper(
         model, opt, "none" if mode == "nondp" else mode,
         noise_multiplier=None if mode == "nondp" else 1.0,
         max_grad_norm=1.0,
         expected_batch_size=args.batch_size,
-        noise_generator=torch.Generator().manual_seed(1) if mode != "nondp" else None,
+        noise_generator=torch.Generator(device=device).manual_seed(1) if mode != "nondp" else None,
     )
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator(device=device).manual_seed(2)
 
     def step():
         x_in = model.corrupt(x, gen)
         stepper.compute_gradient(x_in, x, gen)
         stepper.step()
+        if device.type == "cuda":  # time the work, not its queueing
+            torch.cuda.synchronize(device)
 
     return step, count_parameters(model), stepper.close
 
@@ -65,10 +69,17 @@ def measure(args) -> list[dict]:
     rows = []
     for kind in args.kinds:
         steps = {}
+        peak_mb = {}
+        cuda = args.device.startswith("cuda")
         for mode in args.modes:
+            if cuda:  # what this mode's model and steps add to what is already held
+                held = torch.cuda.memory_allocated(args.device)
+                torch.cuda.reset_peak_memory_stats(args.device)
             step, n_params, close = make_step(kind, mode, args)
             for _ in range(args.warmup):
                 step()
+            if cuda:
+                peak_mb[mode] = (torch.cuda.max_memory_allocated(args.device) - held) / 2**20
             steps[mode] = (step, close)
         wall = {m: [] for m in steps}
         cpu = {m: [] for m in steps}
@@ -93,6 +104,7 @@ def measure(args) -> list[dict]:
                     ratio=statistics.median(ratios) if ratios else float("nan"),
                     cpu_ratio=statistics.median(cpu_ratios) if cpu_ratios else float("nan"),
                     spread=(min(wall[mode]), max(wall[mode])),
+                    peak_mb=peak_mb.get(mode),
                 )
             )
             r = rows[-1]
@@ -108,20 +120,22 @@ def markdown(rows: list[dict], args, load_before, load_after, seconds) -> str:
         f"Command: `python benchmarks/dp_throughput.py {' '.join(sys.argv[1:])}`",
         "",
         f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads",
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""),
         f"- load average before / after: {load_before} / {load_after}; took {seconds:.0f} s",
         f"- model: image_size {args.image_size}, channels {list(args.channels)}, latent_dim {args.latent_dim}, "
         f"batch {args.batch_size}, "
         f"{args.reps} repetitions x {args.steps} steps ({args.slow_steps} for ew/functorch), "
         f"{args.warmup} warm-up steps",
         "",
-        "| kind | mode | params | img/s (median) | min-max img/s | DP / non-DP | same, CPU time |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| kind | mode | params | img/s (median) | min-max img/s | DP / non-DP | same, CPU time | peak GPU MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        peak = "–" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         lines.append(
             f"| {r['kind']} | {r['mode']} | {r['params']:,} | {r['ips']:.1f} | "
-            f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} |"
+            f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {peak} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -139,6 +153,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per repetition")
     p.add_argument("--slow-steps", type=int, default=1, help="steps per repetition for ew/functorch")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", type=Path, help="write the markdown table here")
     args = p.parse_args(argv)
     args.kinds = [k for k in args.kinds.split(",") if k]

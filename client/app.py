@@ -112,6 +112,8 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
         check_site_policy(cfg, context.node_config)
     if context.node_config.get(c.NODE_DEVICE):  # the site's hardware is the site's choice (`medae client --device`)
         cfg = replace(cfg, train=replace(cfg.train, device=str(context.node_config[c.NODE_DEVICE])))
+    if c.NODE_DATA_PATH in context.node_config:  # so is keeping copies of its pixels (`medae client --image-cache`)
+        cfg = replace(cfg, data=replace(cfg.data, cache=bool(context.node_config.get(c.NODE_IMAGE_CACHE, False))))
     ledger = None
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)

@@ -408,7 +408,7 @@ def cmd_client(args) -> int:
     opts = ClientOptions(server=args.server, data=args.data, ca=args.ca, key=args.key, site_name=args.site_name,
                          ledger=args.ledger, insecure=args.insecure, allow_no_dp=args.allow_no_dp,
                          runtime_port=args.runtime_port, max_wait_s=args.max_wait, once=args.once,
-                         approved_fabs=args.approved_fabs)
+                         approved_fabs=args.approved_fabs, image_cache=args.image_cache)
 
     def on_start(site: str, ledger, report: dict) -> None:
         parts = report["parts"]
@@ -605,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-name", help="name shown to the coordinator (default: the key file's name)")
     p.add_argument("--budget", type=float, help="this site's total ε budget, when its ledger is created")
     p.add_argument("--allow-no-dp", action="store_true", help="let the server ask for training without DP")
+    p.add_argument("--image-cache", action="store_true",
+                   help="keep decoded images between runs in this machine's image cache (`medae cache`); a copy of "
+                        "patient pixels, so off unless the site turns it on")
     p.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
     p.add_argument("--max-wait", type=float, metavar="SECONDS",
                    help="a SuperNode gives up after this long without reaching the server (default: keeps trying)")

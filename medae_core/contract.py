@@ -34,6 +34,7 @@ NODE_SITE_NAME = "site-name"
 NODE_ALLOW_NO_DP = "allow-no-dp"
 NODE_PRIVACY_UNIT = "privacy-unit"
 NODE_DEVICE = "device"
+NODE_IMAGE_CACHE = "image-cache"  # the site keeps decoded images between runs (`medae client --image-cache`)
 PARTITION_ID = "partition-id"  # Flower's simulation node config: site folder k of federation.data_root
 
 # -- message config (ServerApp -> site, each round) -----------------------------

@@ -181,6 +181,22 @@ def test_the_sites_device_choice_overrides_the_runs(tiny_benchmark, tiny_cfg, tm
     assert any(not torch.equal(sent[k], returned[k]) for k in sent)  # it really trained
 
 
+def test_a_deployed_site_keeps_decoded_images_only_when_the_site_says_so(tiny_benchmark, tiny_cfg, tmp_path,
+                                                                        monkeypatch):
+    """The run asks for the image cache; a site caches its pixels only with `medae client --image-cache`."""
+    from client.app import open_site
+    from medae_core.data import cache as image_cache
+
+    monkeypatch.setenv(image_cache.CACHE_ENV, str(tmp_path / "cache"))
+    cfg = tiny_cfg.with_overrides({"data.cache": True, "data.percentile_high": 99.4})  # not in another test's lru
+    _, _, used = open_site(_context(cfg, tiny_benchmark / "site-3", tmp_path / "a.jsonl"), for_training=False)
+    assert not used.data.cache and not (tmp_path / "cache").exists()
+    context = _context(cfg, tiny_benchmark / "site-3", tmp_path / "a.jsonl")
+    context.node_config["image-cache"] = True
+    _, _, used = open_site(context, for_training=False)
+    assert used.data.cache and image_cache.usage(tmp_path / "cache")[0] > 0
+
+
 def test_a_site_without_usable_images_says_why(tiny_cfg, tmp_path):
     empty = tmp_path / "empty-site"
     (empty / "train").mkdir(parents=True)

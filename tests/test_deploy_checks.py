@@ -35,7 +35,8 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_flower_parses(tmp_path
     assert not any("runtime-dependency" in a for a in argv)  # offline: Flower's default (no installs) is kept
     node = parse_config_args([argv[argv.index("--node-config") + 1]])
     assert node == {"data-path": str(data.resolve()), "ledger-path": str(tmp_path / "ledger's path.jsonl"),
-                    "site-name": "site-a", "allow-no-dp": False, "privacy-unit": "patient", "device": "cuda:1"}
+                    "site-name": "site-a", "allow-no-dp": False, "privacy-unit": "patient", "device": "cuda:1",
+                    "image-cache": False}
 
 
 @pytest.mark.parametrize("name", ['a "quoted" name', "back\\slash and space", "it's"])

@@ -38,6 +38,7 @@ class ClientOptions:
     max_wait_s: float | None = None  # one SuperNode gives up after this long without the server
     once: bool = False  # stop when the SuperNode stops, instead of starting a new one
     approved_fabs: Path | None = None  # a file of app package hashes this site approved (None: any code-free one)
+    image_cache: bool = False  # keep decoded images in this machine's image cache (`medae_core.data.cache`)
 
 
 def site_name_of(opts: ClientOptions) -> str:
@@ -100,12 +101,14 @@ def prepare_site(cfg: RunConfig, opts: ClientOptions) -> tuple[str, Path, dict]:
 
 
 def node_config(site: str, data: Path, ledger: Path, allow_no_dp: bool, privacy_unit: str = "patient",
-                device: str = "auto") -> str:
+                device: str = "auto", image_cache: bool = False) -> str:
     """The SuperNode's ``--node-config`` string: the site's paths, name and privacy policy.
 
     Paths never leave the site. ``allow-no-dp`` and ``privacy-unit`` are the
     site's own policy, which the ClientApp enforces against the server's run;
-    ``device`` (auto, cpu, cuda, cuda:N) is the site's hardware choice.
+    ``device`` (auto, cpu, cuda, cuda:N) is the site's hardware choice, and
+    ``image-cache`` whether decoded images may be kept on this machine (the run's
+    ``data.cache`` is ignored at a deployed site).
     """
     from medae_core import contract as c
 
@@ -116,6 +119,7 @@ def node_config(site: str, data: Path, ledger: Path, allow_no_dp: bool, privacy_
         c.NODE_ALLOW_NO_DP: allow_no_dp,
         c.NODE_PRIVACY_UNIT: privacy_unit,
         c.NODE_DEVICE: device,
+        c.NODE_IMAGE_CACHE: image_cache,
     }
     return " ".join(f"{k}={_node_value(v)}" for k, v in pairs.items())
 
@@ -140,7 +144,8 @@ _TLS = ("CERTIFICATE_VERIFY_FAILED", "SSL/TLS handshake error")
 def supernode_argv(opts: ClientOptions, site: str, ledger: Path, flower_home: Path, cfg: RunConfig,
                    runtime_port: int | None = None) -> list[str]:
     """The SuperNode: process isolation, so that its ClientApps are the ones `superexec_argv` starts."""
-    node = node_config(site, opts.data, ledger, opts.allow_no_dp, cfg.privacy.unit, cfg.train.device)
+    node = node_config(site, opts.data, ledger, opts.allow_no_dp, cfg.privacy.unit, cfg.train.device,
+                       opts.image_cache)
     argv = [flower_tool("flower-supernode"), "--superlink", opts.server, "--node-config", node,
             "--isolation", "process", "--port", str(runtime_port or opts.runtime_port or free_port())]
     if opts.insecure:
