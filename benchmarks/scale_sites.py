@@ -1,6 +1,7 @@
 """Scale in sites: `medae simulate` with 10, 100, 1,000 small virtual sites on one machine.
 
-    python benchmarks/scale_sites.py [--sites 10,100,1000] [--patients 10] [--rounds 2] [--out runs/scale-sites]
+    python benchmarks/scale_sites.py [--sites 10,100,1000] [--patients 10] [--rounds 2] [--cache] [--out runs/scale-sites]
+    python benchmarks/scale_sites.py --combine A.json,B.json --out DIR    # one table and plot of several runs
 
 For each federation size N:
 1. the benchmark writer makes N sites of ``--patients`` patients each (timed on
@@ -70,7 +71,7 @@ class TreeMemory(threading.Thread):
         self.join(timeout=5)
 
 
-def one_size(n: int, patients: int, rounds: int, out: Path, timeout: float) -> dict:
+def one_size(n: int, patients: int, rounds: int, out: Path, timeout: float, cache: bool = False) -> dict:
     from medae_core.benchmark import make_benchmark
 
     data = out / f"data-{n}"
@@ -80,16 +81,21 @@ def one_size(n: int, patients: int, rounds: int, out: Path, timeout: float) -> d
         write_s = time.perf_counter() - started
         (out / f"data-{n}.seconds").write_text(f"{write_s}\n")
     write_s = float((out / f"data-{n}.seconds").read_text())
-    run = out / f"run-{n}"
+    tag = f"{n}-cache" if cache else f"{n}"
+    run = out / f"run-{tag}"
     if run.exists():  # a fresh run, not a resume of the last one
         shutil.rmtree(run)
-    config = out / f"config-{n}.toml"
-    config.write_text(f"[federation]\nmin_sites = {min(n, 2)}\n")
+    config = out / f"config-{tag}.toml"
+    config.write_text(f"[federation]\nmin_sites = {min(n, 2)}\n" + ("[data]\ncache = true\n" if cache else ""))
+    env = os.environ.copy()
+    if cache:  # an empty cache of its own: round 1 fills it, later rounds read it
+        shutil.rmtree(out / f"cache-{n}", ignore_errors=True)
+        env["MEDAE_CACHE_DIR"] = str(out / f"cache-{n}")
     cmd = [sys.executable, "-m", "medae", "simulate", "--config", str(config), "--data", str(data),
            "--sites", str(n), "--rounds", str(rounds), "--out", str(run)]
-    log = (out / f"run-{n}.log").open("w")
+    log = (out / f"run-{tag}.log").open("w")
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     memory = TreeMemory(proc.pid)
     memory.start()
     try:
@@ -100,7 +106,7 @@ def one_size(n: int, patients: int, rounds: int, out: Path, timeout: float) -> d
     wall = time.perf_counter() - started
     memory.stop()
     log.close()
-    result = {"sites": n, "patients_per_site": patients, "rounds": rounds, "exit_code": code,
+    result = {"sites": n, "image_cache": cache, "patients_per_site": patients, "rounds": rounds, "exit_code": code,
               "benchmark_write_s": write_s, "wall_s": wall, "peak_rss_gib": memory.peak_rss / 2**30,
               "peak_pss_gib": memory.peak_pss / 2**30, "peak_processes": memory.peak_processes}
     metrics_path = run / "metrics.json"
@@ -153,13 +159,13 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| sites | exit | writer s | wall s | outside rounds s | train s / round | eval s / round | "
+    rows = ["| sites | image cache | exit | writer s | wall s | outside rounds s | train s / round | eval s / round | "
             "peak PSS GiB | peak RSS sum GiB | sites not ok | report kB |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         last = (r.get("per_round") or [{}])[-1]
         not_ok = sum(len(p["not_ok"]) for p in r.get("per_round", []))
-        rows.append(f"| {r['sites']} | {r['exit_code']} | {r['benchmark_write_s']:.0f} | {r['wall_s']:.0f} | "
+        rows.append(f"| {r['sites']} | {'on' if r.get('image_cache') else 'off'} | {r['exit_code']} | {r['benchmark_write_s']:.0f} | {r['wall_s']:.0f} | "
                     f"{r.get('outside_rounds_s', float('nan')):.0f} | {last.get('train_s') or float('nan'):.1f} | "
                     f"{last.get('eval_s') or float('nan'):.1f} | {r['peak_pss_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
                     f"{not_ok} | {r.get('report_html_kib') or float('nan'):.0f} |")
@@ -172,17 +178,26 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=10, help="patients per site (a third are test patients)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per run (round 1 includes Ray's start-up)")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per federation size")
+    parser.add_argument("--cache", action="store_true", help="with [data] cache = true (an empty cache per size)")
     parser.add_argument("--out", type=Path, default=Path("runs/scale-sites"))
+    parser.add_argument("--combine", metavar="JSON,...",
+                        help="run nothing: the table and plot (OUT/scale_sites.png) of earlier runs' scale_sites*.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        results = [r for f in args.combine.split(",") for r in json.loads(Path(f).read_text())["results"]]
+        results.sort(key=lambda r: (r.get("image_cache", False), r["sites"]))
+        plot([r for r in results if not r.get("image_cache")], args.out / "scale_sites.png")
+        print(table(results))
+        return
     results = []
     for n in (int(s) for s in args.sites.split(",")):
-        results.append(one_size(n, args.patients, args.rounds, args.out, args.timeout))
+        results.append(one_size(n, args.patients, args.rounds, args.out, args.timeout, args.cache))
         print(json.dumps(results[-1]), flush=True)
         machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                    "load_average_after": os.getloadavg()}
-        (args.out / "scale_sites.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-    plot(results, args.out / "scale_sites.png")
+        (args.out / f"scale_sites{'-cache' if args.cache else ''}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    plot(results, args.out / f"scale_sites{'-cache' if args.cache else ''}.png")
     print(table(results))
 
 
