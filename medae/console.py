@@ -198,6 +198,10 @@ class PlainStream:
         self._stream.write(_ANSI_ESCAPE.sub("", text))
         return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def __getattr__(self, name):
         return getattr(self._stream, name)
 

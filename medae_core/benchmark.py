@@ -804,10 +804,10 @@ PARALLEL_MIN_PATIENTS = 60
 def _run_tasks(tasks: list[tuple[Callable, tuple, int]], total: int,
                progress: Callable[[int, int], None] | None, workers: int | None) -> list[Any]:
     """Each task's result, in order; in spawned worker processes when there is enough work and more than one CPU."""
-    from medae_core.data.dataset import _cpu_count  # the CPUs this process may use
+    from medae_core.data.dataset import usable_cpus
 
     chosen = workers
-    workers = min(_cpu_count() if chosen is None else chosen, len(tasks))
+    workers = min(usable_cpus() if chosen is None else chosen, len(tasks))
     done = 0
     if progress is not None:
         progress(0, total)

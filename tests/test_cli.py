@@ -286,7 +286,7 @@ def test_a_log_file_gets_no_colour_codes_whatever_a_library_writes():
     stream = PlainStream(log)
     # What Ray prints for a deduplicated actor line, whatever its output is.
     stream.write("(ClientAppActor pid=1) site site-3: x \x1b[32m [repeated 2x across cluster]\x1b[0m\n")
-    stream.write("\x1b[93mWARNING \x1b[0m:   done\n")
+    stream.writelines(["\x1b[93mWARNING \x1b[0m:", "   done\n"])
     assert log.getvalue() == "(ClientAppActor pid=1) site site-3: x  [repeated 2x across cluster]\nWARNING :   done\n"
     assert not stream.isatty()
 

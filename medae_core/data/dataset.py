@@ -302,7 +302,7 @@ def _read_many(root: Path, rels: list[str], data: DataConfig, size: int) -> Iter
         cache_root = image_cache.cache_dir()
         check_cache_location(cache_root, root)
     args = [(root / rel, rel, data, size, cache_root) for rel in rels]
-    workers = min(_cpu_count(), MAX_WORKERS)
+    workers = min(usable_cpus(), MAX_WORKERS)
     if len(args) < PARALLEL_MIN_FILES or workers < 2:
         return (_read_sized(*a) for a in args)
     try:
@@ -330,7 +330,8 @@ def check_cache_location(cache_root: Path, data_root: Path) -> None:
         )
 
 
-def _cpu_count() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
