@@ -170,14 +170,18 @@ def follow_simulation(run_dir: Path, cfg: RunConfig):
 
 
 class _FlowerWarningsOnly(logging.Filter):
-    """On Flower's own console handler: its warnings and errors, not its INFO lines or end-of-run actor notices."""
+    """On Flower's own console handler: its warnings and errors, not its INFO lines.
+
+    (The actors' end-of-run "Manually terminating" notice is dropped on the flwr
+    logger itself, by `client.app`, in every process that runs the ClientApp.)
+    """
 
     def __init__(self, verbose: bool):
         super().__init__()
         self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.verbose or (record.levelno >= logging.WARNING and "Manually terminating" not in record.getMessage())
+        return self.verbose or record.levelno >= logging.WARNING
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")

@@ -760,12 +760,10 @@ def make_benchmark(
     # and are one piece. The files are the same whatever the number of workers.
     tasks: list[tuple[Callable, tuple, int]] = []
     for si in range(sites):
-        for first in range(0, n_train, _CHUNK):
-            chunk = list(range(first, min(first + _CHUNK, n_train)))
+        for chunk in _chunks(n_train):
             tasks.append((_write_train_patients, (out, seed, si, chunk, slices_per_patient, params), len(chunk)))
         tasks.append((_write_test_patients, (out, seed, si, n_train, patients, slices_per_patient, params), n_test))
-    for first in range(0, public, _CHUNK):
-        chunk = list(range(first, min(first + _CHUNK, public)))
+    for chunk in _chunks(public):
         tasks.append((_write_public_patients, (out / "public", seed, chunk, slices_per_patient), len(chunk)))
     results = _run_tasks(tasks, total, progress, workers)
 
@@ -799,6 +797,15 @@ def make_benchmark(
 # (each costs about two seconds to start: imports and the MNI152 template).
 _CHUNK = 10
 PARALLEL_MIN_PATIENTS = 60
+
+
+def _chunks(n: int) -> list[list[int]]:
+    return [list(range(first, min(first + _CHUNK, n))) for first in range(0, n, _CHUNK)]
+
+
+def _site_uid_key(params: dict[str, Any], site: SiteAppearance, pid: str) -> list[str]:
+    """What a site patient's DICOM UIDs are derived from (never the clock): the same bytes in every run."""
+    return ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
 
 
 def _run_tasks(tasks: list[tuple[Callable, tuple, int]], total: int,
@@ -849,7 +856,7 @@ def _write_train_patients(out: Path, seed: int, si: int, pis: list[int], slices_
     for pi in pis:
         pid = f"S{si + 1}-P{pi + 1:03d}"
         pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, None)
-        uid_key = ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
+        uid_key = _site_uid_key(params, site, pid)
         _write_patient(anat, site, si, pid, pi + 1, pat, out / site.name / "train" / pid, uid_key)
         slices += len(pat.z_mm)
         tick()
@@ -882,7 +889,7 @@ def _write_test_patients(out: Path, seed: int, si: int, n_train: int, patients: 
         lesion_plan.with_mass = (pi - n_train) % 2 == mass_parity
         pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, lesion_plan)
         lesion_plan.slice_counts += pat.masks.any(axis=(1, 2))
-        uid_key = ["medae-benchmark", str(GENERATOR_VERSION), *(str(v) for v in params.values()), site.name, pid]
+        uid_key = _site_uid_key(params, site, pid)
         _write_patient(anat, site, si, pid, pi + 1, pat, site_dir / "test" / pid, uid_key)
         for k in range(len(pat.z_mm)):
             rel = f"{pid}/{k:03d}.dcm"

@@ -101,9 +101,7 @@ class FederatedRun:
     def _run(self, tracker: RunTracker) -> None:
         rounds = self.cfg.federation.rounds
         arrays = self.initial_arrays()
-        # The threshold of the last evaluated round (a resumed run may stop after one that was not).
-        threshold = next((r["threshold"] for r in reversed(self.state.rounds) if r.get("threshold") is not None),
-                         None)
+        threshold = self.last_evaluated().get("threshold")  # a resumed run may stop after an unevaluated round
         for rnd in range(self.state.rounds_done + 1, rounds + 1):
             log.info("round %d/%d: training", rnd, rounds)
             started = time.monotonic()
@@ -280,8 +278,7 @@ class FederatedRun:
 
     # -- persistence ----------------------------------------------------------------
     def save(self, arrays: ArrayRecord, threshold: float | None) -> None:
-        # The round that set the threshold: the last evaluated one (federation.evaluate_every).
-        last = next((r for r in reversed(self.state.rounds) if r.get("threshold") is not None), {})
+        last = self.last_evaluated()  # the round that set the threshold
         bundle = Bundle(
             config=self.cfg,
             state_dict=arrays.to_torch_state_dict(),
@@ -299,6 +296,10 @@ class FederatedRun:
         save_bundle(self.run_dir / "model", bundle)
         self.state.save(self.run_dir)
         write_metrics(self.run_dir, self.metrics())
+
+    def last_evaluated(self) -> dict:
+        """The last round record with a threshold (`federation.evaluate_every` may skip rounds); {} before one."""
+        return next((r for r in reversed(self.state.rounds) if r.get("threshold") is not None), {})
 
     def metrics(self) -> dict:
         last = self.state.rounds[-1] if self.state.rounds else {}

@@ -34,6 +34,7 @@ from medae_core.config import DataConfig
 from medae_core.data import cache as image_cache
 from medae_core.data.readers import MIB, Slice, UnusableFile, file_format, read_file, read_mask, to_square
 from medae_core.errors import ConfigError, DataError, NoUsableImagesError
+from medae_core.fileio import ensure_outside
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ def scan_folder(
     ``progress(done, total)`` is called after each file.
     """
     root = Path(os.path.normpath(Path(root).absolute()))
+    check_cache_location(data, root)
     files, skipped = list_files(root, exclude)
     return _scan_files(root, files, skipped, data, image_size, labels_csv, progress)
 
@@ -272,13 +274,17 @@ def _read_sized(path: Path, rel: str, data: DataConfig, size: int, cache_root: P
     except UnusableFile as exc:
         result = _FileRead(reason=exc.reason)
     if key is not None:
-        images = (np.stack([s.image for s in result.slices]) if result.slices
-                  else np.zeros((0, size, size), np.float32))
-        meta = {"reason": result.reason, "format": result.format, "shapes": [list(x) for x in result.shapes],
-                "slices": [{"frame": s.frame, "patient": s.patient, "modality": s.modality,
-                            "photometric": s.photometric} for s in result.slices]}
-        image_cache.store(cache_root, key, images, meta)
+        image_cache.store(cache_root, key, *_to_cache(result, size))
     return result
+
+
+def _to_cache(result: _FileRead, size: int) -> tuple[np.ndarray, dict]:
+    """A file's outcome as the image cache stores it: its slices' pixels, and everything else as JSON."""
+    images = np.stack([s.image for s in result.slices]) if result.slices else np.zeros((0, size, size), np.float32)
+    meta = {"reason": result.reason, "format": result.format, "shapes": [list(x) for x in result.shapes],
+            "slices": [{"frame": s.frame, "patient": s.patient, "modality": s.modality,
+                        "photometric": s.photometric} for s in result.slices]}
+    return images, meta
 
 
 def _from_cache(images: np.ndarray, meta: dict) -> _FileRead:
@@ -297,10 +303,7 @@ def _read_many(root: Path, rels: list[str], data: DataConfig, size: int) -> Iter
     of seconds. Workers are spawned (not forked: the caller may hold torch
     threads) and cost about a second to start, hence only for large folders.
     """
-    cache_root = None
-    if data.cache:
-        cache_root = image_cache.cache_dir()
-        check_cache_location(cache_root, root)
+    cache_root = image_cache.cache_dir() if data.cache else None  # its location checked by the caller
     args = [(root / rel, rel, data, size, cache_root) for rel in rels]
     workers = min(usable_cpus(), MAX_WORKERS)
     if len(args) < PARALLEL_MIN_FILES or workers < 2:
@@ -320,14 +323,19 @@ def _pooled(pool: ProcessPoolExecutor, args: list[tuple]) -> Iterator[_FileRead]
         pool.shutdown(cancel_futures=True)
 
 
-def check_cache_location(cache_root: Path, data_root: Path) -> None:
-    """The image cache may not be in (or hold) a data folder: nothing is ever written into one."""
-    cache, data = Path(os.path.abspath(cache_root)), Path(os.path.abspath(data_root))
-    if cache == data or data in cache.parents or cache in data.parents:
+def check_cache_location(data: DataConfig, data_root: Path) -> None:
+    """With ``data.cache``, the image cache may not be in (or hold) the data folder: nothing is written into one."""
+    if not data.cache:
+        return
+    cache_root = image_cache.cache_dir()
+    try:
+        ensure_outside(cache_root, data_root)
+        ensure_outside(data_root, cache_root)
+    except DataError:
         raise ConfigError(
-            f"data.cache: the image cache {cache} is inside the data folder {data} (or holds it); medae never "
-            f"writes into a data folder. Set {image_cache.CACHE_ENV} to a folder outside it."
-        )
+            f"data.cache: the image cache {cache_root} is inside the data folder {data_root} (or holds it); medae "
+            f"never writes into a data folder. Set {image_cache.CACHE_ENV} to a folder outside it."
+        ) from None
 
 
 def usable_cpus() -> int:
@@ -466,6 +474,7 @@ def _read_site(root: Path, data: DataConfig, image_size: int, progress: Progress
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     root = Path(os.path.normpath(root.absolute()))
+    check_cache_location(data, root)  # the site folder, train/ and test/ included
     train_dir, test_dir = root / "train", root / "test"
     has_test = test_dir.is_dir()
     if train_dir.is_dir():
