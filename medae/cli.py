@@ -81,7 +81,8 @@ def cmd_make_benchmark(args) -> int:
 
     with progress_bar("synthesising patients") as progress:
         summary = make_benchmark(args.out, sites=args.sites, patients=args.patients, seed=args.seed,
-                                 test_patients=args.test_patients, public=args.public, progress=progress)
+                                 test_patients=args.test_patients, public=args.public, progress=progress,
+                                 contrasts=tuple(c.strip() for c in args.contrasts.split(",") if c.strip()))
     table = Table(title=f"benchmark written to {args.out}")
     for col in ("site", "train patients", "test patients", "train slices", "test slices", "anomalous"):
         table.add_column(col)
@@ -192,6 +193,18 @@ def cmd_denoise(args) -> int:
     return 0
 
 
+def cmd_translate(args) -> int:
+    from medae_core.denoise import translate_folder
+
+    with progress_bar(f"translating to {args.to}") as progress:
+        summary = translate_folder(args.model, args.input, args.out, args.to, device=args.device, progress=progress)
+    out.print(f"wrote {summary['files_written']} synthetic {args.to} files → {args.out}")
+    out.print("synthetic images: not acquired, not for diagnosis (their DICOM ImageComments say so)", style="yellow")
+    if summary["skipped"]:
+        out.print(f"{len(summary['skipped'])} files skipped (reasons in summary.json)", style="yellow")
+    return 0
+
+
 def cmd_encode(args) -> int:
     from medae_core.latent import encode_folder
 
@@ -219,7 +232,8 @@ def cmd_decode(args) -> int:
 def cmd_sample(args) -> int:
     from medae_core.latent import sample_images
 
-    summary = sample_images(args.model, args.n, args.out, seed=args.seed, fmt=args.format, device=args.device)
+    summary = sample_images(args.model, args.n, args.out, seed=args.seed, fmt=args.format, device=args.device,
+                            label=args.label)
     out.print(f"generated {summary['images']} synthetic images ({summary['format']}, seed {summary['seed']}) → "
               f"{args.out}; {summary['privacy']}")
     return 0
@@ -500,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-patients", type=int, help="test patients per site (default: a third of --patients)")
     p.add_argument("--public", type=int, default=0, metavar="N",
                    help="also write DIR/public/: N healthy patients from scanners no site uses, for `medae pretrain`")
+    p.add_argument("--contrasts", default="t1", metavar="LIST",
+                   help="the sites' contrasts, from t1, t2, flair (e.g. t1,t2,flair): every patient in each, "
+                        "same anatomy and lesions, one DICOM series per contrast (PATIENT/<contrast>/)")
 
     p = _command(sub, "pretrain", "train a model WITHOUT DP on public data, as the start of private runs",
                  "medae pretrain --data data/bench/public --out models/public-ae", cmd_pretrain)
@@ -538,6 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
     _bundle_in_out(p, model_help="run folder or model bundle (a DAE denoises best)",
                    out_help="output folder (DICOM stays DICOM, other images become PNG), replaced only when complete")
 
+    p = _command(sub, "translate", "a conditional VAE's synthetic image of another contrast for every image "
+                                   "(e.g. T1 to T2; not for diagnosis)",
+                 "medae translate --model runs/cvae --input /data/t1-scans --to t2 --out runs/synthetic-t2",
+                 cmd_translate)
+    _bundle_in_out(p, model_help="run folder or model bundle of a conditional VAE (model.kind = cvae)",
+                   out_help="output folder (DICOM stays DICOM with new UIDs, marked synthetic; other images "
+                            "become PNG), replaced only when complete")
+    p.add_argument("--to", required=True, metavar="LABEL", help="the label to translate to, one of the model's "
+                                                                 "model.labels (e.g. t2)")
+
     p = _command(sub, "encode", "latent codes of every image in a folder (features, compression)",
                  "medae encode --model runs/simulate --input /data/scans --out runs/codes", cmd_encode)
     _bundle_in_out(p, out_help="output folder: codes.npz, manifest.csv, summary.json; replaced only when complete")
@@ -557,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
     p.add_argument("--format", choices=("png", "dicom"), default="png",
                    help="png, or dicom (Secondary Capture marked synthetic, no site identifier)")
+    p.add_argument("--label", help="a conditional VAE's label: the kind of image to make (e.g. t2); "
+                                   "required for a CVAE, refused for other models")
     add_device_option(p)
 
     p = _command(sub, "simulate", "simulate a whole federation on this machine (Flower + Ray)",

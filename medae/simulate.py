@@ -110,16 +110,25 @@ def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -
     """Data (the built-in benchmark unless a root is given), simulation, baselines, report."""
     import json
 
-    from medae_core.benchmark import make_benchmark
+    from medae_core.benchmark import CONTRASTS, make_benchmark
 
     run_dir = Path(run_dir)
     if not cfg.federation.data_root:
         root = run_dir / "data"
+        contrasts = cfg.data.contrasts or ("t1",)  # the contrasts the run reads (a CVAE: its labels)
+        if set(contrasts) - set(CONTRASTS):
+            raise ConfigError(f"the built-in benchmark has the contrasts {', '.join(CONTRASTS)}; this run reads "
+                              f"{', '.join(contrasts)}: give --data a federation of your own")
         if not (root / "benchmark.json").exists():
-            log.info("writing the built-in benchmark (%d sites) to %s", cfg.federation.sites, root)
+            log.info("writing the built-in benchmark (%d sites, %s) to %s", cfg.federation.sites,
+                     ", ".join(contrasts), root)
             make_benchmark(root, sites=cfg.federation.sites, patients=cfg.federation.benchmark_patients,
                            test_patients=cfg.federation.benchmark_test_patients or None,
-                           seed=cfg.federation.benchmark_seed)
+                           seed=cfg.federation.benchmark_seed, contrasts=contrasts)
+        written = json.loads((root / "benchmark.json").read_text())["parameters"].get("contrasts", "t1")
+        if written != ",".join(contrasts):
+            raise ConfigError(f"{root} holds a benchmark of {written}, but this run reads {', '.join(contrasts)}: "
+                              "use a new --out")
         cfg = cfg.with_overrides({"federation.data_root": str(root.resolve())})
     run_simulation(cfg, run_dir)
     if baselines:

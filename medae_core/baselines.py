@@ -41,6 +41,8 @@ def pool_sites(data: list[SiteData], name: str = "pooled") -> SiteData:
         val_images=np.concatenate([d.val_images for d in data]),
         test=None,
         skipped=sum(d.skipped for d in data),
+        train_cond=None if any(d.train_cond is None for d in data) else np.concatenate([d.train_cond for d in data]),
+        val_cond=None if any(d.val_cond is None for d in data) else np.concatenate([d.val_cond for d in data]),
     )
 
 

@@ -48,7 +48,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ LABEL_RULE = (
 class _Anatomy:
     t1: np.ndarray  # float32, ~[0, 1]
     wm: np.ndarray  # float32 probability
+    gm: np.ndarray  # float32 probability (CSF is the brain mask less GM and WM)
     brain: np.ndarray  # float32 {0, 1}
     affine: np.ndarray  # voxel -> RAS mm
     z_mm: tuple[float, float]  # brain extent along z (mm)
@@ -105,12 +106,15 @@ def _anatomy() -> _Anatomy:
     t1_img = datasets.load_mni152_template(resolution=2)
     t1 = np.asarray(t1_img.get_fdata(), dtype=np.float32)
     wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float32)
+    gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata(), dtype=np.float32)
     brain = np.asarray(datasets.load_mni152_brain_mask(resolution=2).get_fdata(), dtype=np.float32)
     affine = np.asarray(t1_img.affine, dtype=np.float64)
-    if t1.shape != wm.shape or t1.shape != brain.shape:
-        raise DataError(f"nilearn's MNI152 templates disagree in shape: {t1.shape}, {wm.shape}, {brain.shape}")
+    if not t1.shape == wm.shape == gm.shape == brain.shape:
+        raise DataError(f"nilearn's MNI152 templates disagree in shape: {t1.shape}, {wm.shape}, {gm.shape}, "
+                        f"{brain.shape}")
     t1 = np.clip(t1 / max(float(t1.max()), 1e-6), 0.0, 1.0)
     wm = np.clip(wm, 0.0, 1.0)
+    gm = np.clip(gm, 0.0, 1.0)
     idx = np.nonzero(brain > 0.5)
     lo = np.array([i.min() for i in idx], dtype=np.float64)
     hi = np.array([i.max() for i in idx], dtype=np.float64)
@@ -120,6 +124,7 @@ def _anatomy() -> _Anatomy:
     return _Anatomy(
         t1=t1,
         wm=wm,
+        gm=gm,
         brain=brain,
         affine=affine,
         z_mm=(float(min(ras_lo[2], ras_hi[2])), float(max(ras_lo[2], ras_hi[2]))),
@@ -389,10 +394,12 @@ class _Slices:
     t1: np.ndarray  # (S, M, M)
     wm: np.ndarray
     brain: np.ndarray
+    gm: np.ndarray | None = None  # only when a contrast other than T1 is rendered
 
 
-def _sample(anat: _Anatomy, defo: _Deformation, pts: np.ndarray, masses: list[_Lesion] = ()) -> _Slices:
-    """Sample the deformed template at LPS points (3, S, M, M), with optional mass effect."""
+def _sample(anat: _Anatomy, defo: _Deformation, pts: np.ndarray, masses: list[_Lesion] = (),
+            with_gm: bool = False) -> _Slices:
+    """Sample the deformed template at LPS points (3, S, M, M), with optional mass effect (and GM map)."""
     p = pts
     for les in masses:
         d = p - les.center.reshape(3, 1, 1, 1)
@@ -406,17 +413,20 @@ def _sample(anat: _Anatomy, defo: _Deformation, pts: np.ndarray, masses: list[_L
     def take(vol: np.ndarray) -> np.ndarray:
         return ndimage.map_coordinates(vol, flat, order=1, mode="constant", cval=0.0).reshape(pts.shape[1:])
 
-    return _Slices(t1=take(anat.t1), wm=take(anat.wm), brain=take(anat.brain))
+    return _Slices(t1=take(anat.t1), wm=take(anat.wm), brain=take(anat.brain),
+                   gm=take(anat.gm) if with_gm else None)
 
 
 @dataclass
 class _Patient:
-    stored: np.ndarray  # (S, M, M) uint16 stored values
+    stored: np.ndarray  # (S, M, M) uint16 stored values (the first contrast)
     masks: np.ndarray  # (S, M, M) bool
     kinds: list[list[str]]  # per slice, kinds drawn
     z_mm: np.ndarray
     window: tuple[float, float]  # center, width in rescaled units
     lesions: list[_Lesion]
+    # every contrast rendered: (stored values, window), the first one included
+    contrasts: dict[str, tuple[np.ndarray, tuple[float, float]]] = field(default_factory=dict)
 
 
 def _slice_points(anat: _Anatomy, site: SiteAppearance, z_mm: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -502,17 +512,21 @@ def _render_patient(
     rng: np.random.Generator,
     slices_per_patient: int,
     lesion_plan: _LesionPlan | None,
+    contrasts: tuple[str, ...] = ("t1",),
 ) -> _Patient:
+    """One patient's slices in every contrast: the same anatomy, lesions and masks, each seen by the scanner."""
     lo, hi = anat.z_mm
     frac = np.linspace(SLICE_RANGE[0], SLICE_RANGE[1], slices_per_patient) if slices_per_patient > 1 else np.array([sum(SLICE_RANGE) / 2])
     z_mm = np.round(lo + (hi - lo) * frac, 3)
     pts, _, _ = _slice_points(anat, site, z_mm)
     defo = _random_deformation(rng, anat.t1.shape)
-    base = _sample(anat, defo, pts)
+    with_gm = any(c != "t1" for c in contrasts)
+    base = _sample(anat, defo, pts, with_gm=with_gm)
     lesions = _place_lesions(rng, pts, base, site, lesion_plan) if lesion_plan is not None else []
 
     s = len(z_mm)
-    final = _Slices(t1=base.t1.copy(), wm=base.wm.copy(), brain=base.brain.copy())
+    final = _Slices(t1=base.t1.copy(), wm=base.wm.copy(), brain=base.brain.copy(),
+                    gm=base.gm.copy() if with_gm else None)
     masses = [les for les in lesions if les.kind == "mass" and les.mass_effect > 0]
     moved_slices: dict[int, list[_Lesion]] = {}
     for i in range(s):
@@ -522,37 +536,78 @@ def _render_patient(
             if (_effective(les, pts[:, i], base.wm[i], base.brain[i]) >= 0.5).sum() >= MIN_LESION_PIXELS
         ]
         if active:
-            moved = _sample(anat, defo, pts[:, i : i + 1], active)
+            moved = _sample(anat, defo, pts[:, i : i + 1], active, with_gm=with_gm)
             final.t1[i], final.wm[i], final.brain[i] = moved.t1[0], moved.wm[0], moved.brain[0]
+            if with_gm:
+                final.gm[i] = moved.gm[0]
             moved_slices[i] = active
 
-    tissue = final.t1.copy()
-    masks = np.zeros(tissue.shape, dtype=bool)
+    masks = np.zeros(final.t1.shape, dtype=bool)
     kinds_per_slice: list[list[str]] = [[] for _ in range(s)]
+    drawn_per_slice = []
     for i in range(s):
         drawn = _drawn_lesions(lesions, pts[:, i], final.wm[i], final.brain[i])
         if i in moved_slices and not any(les in moved_slices[i] for les, _ in drawn):
             # the displaced mass fell below the rule after all: undo its mass effect
-            tissue[i], final.wm[i], final.brain[i] = base.t1[i], base.wm[i], base.brain[i]
+            final.t1[i], final.wm[i], final.brain[i] = base.t1[i], base.wm[i], base.brain[i]
+            if with_gm:
+                final.gm[i] = base.gm[i]
             drawn = _drawn_lesions(lesions, pts[:, i], final.wm[i], final.brain[i])
+        drawn_per_slice.append(drawn)
+        for les, eff in drawn:
+            masks[i] |= eff >= 0.5
+            if les.kind not in kinds_per_slice[i]:
+                kinds_per_slice[i].append(les.kind)
+
+    rendered = {c: _scanner_view(_tissue(c, final, pts, drawn_per_slice), final, pts, anat, site, rng)
+                for c in contrasts}
+    stored, window = rendered[contrasts[0]]
+    return _Patient(stored=stored, masks=masks, kinds=kinds_per_slice, z_mm=z_mm, window=window,
+                    lesions=lesions, contrasts=rendered)
+
+
+# Tissue intensities of the contrasts other than T1 (the T1 template's own intensities are T1),
+# on the template's scale (white matter ~ 0.84 in T1): T2 has bright CSF, FLAIR suppresses it.
+CONTRASTS = ("t1", "t2", "flair")
+_TISSUE = {"t2": (0.32, 0.52, 0.95), "flair": (0.55, 0.72, 0.10)}  # (WM, GM, CSF)
+# How white-matter lesions and masses look: (WM-lesion gain over |T1 contrast|, mass level, core level)
+_LESION_LOOK = {"t2": (0.8, 0.78, 0.92), "flair": (0.55, 0.90, 0.22)}
+
+
+def _tissue(contrast: str, final: _Slices, pts: np.ndarray, drawn_per_slice: list) -> np.ndarray:
+    """A contrast's noise-free tissue intensities, lesions drawn in."""
+    if contrast == "t1":
+        tissue = final.t1.copy()
+    else:
+        wm_level, gm_level, csf_level = _TISSUE[contrast]
+        csf = np.clip(final.brain - final.gm - final.wm, 0.0, 1.0)
+        tissue = (wm_level * final.wm + gm_level * final.gm + csf_level * csf).astype(np.float32)
+    for i, drawn in enumerate(drawn_per_slice):
         for les, eff in drawn:
             if les.kind == "mass":
-                level = np.full(eff.shape, les.contrast, dtype=np.float32)
+                rel = les.contrast / (1.2 * WM_REFERENCE)  # this mass's brightness next to the average mass
+                level = np.full(eff.shape, les.contrast if contrast == "t1" else _LESION_LOOK[contrast][1] * rel,
+                                dtype=np.float32)
                 if les.texture is not None:
                     for wave in les.texture:  # mild internal heterogeneity
                         phase = np.tensordot(wave[:3], pts[:, i], axes=1) + wave[3]
                         level *= 1.0 + 0.025 * np.cos(phase).astype(np.float32)
                 if les.core_fraction > 0:
                     core = _lesion_profile(les, pts[:, i], scale=les.core_fraction)
-                    level = level * (1 - core) + les.core_level * core
+                    core_level = les.core_level if contrast == "t1" else _LESION_LOOK[contrast][2]
+                    level = level * (1 - core) + core_level * core
                 tissue[i] = tissue[i] * (1 - eff) + level * eff
-            else:
+            elif contrast == "t1":
                 tissue[i] = tissue[i] * (1 + les.contrast * eff)
-            masks[i] |= eff >= 0.5
-            if les.kind not in kinds_per_slice[i]:
-                kinds_per_slice[i].append(les.kind)
+            else:  # white-matter lesions are bright on T2 and FLAIR, whether bright or dark on T1
+                tissue[i] = tissue[i] * (1 + (_LESION_LOOK[contrast][0] + abs(les.contrast)) * eff)
+    return tissue
 
-    # scanner appearance
+
+def _scanner_view(tissue: np.ndarray, final: _Slices, pts: np.ndarray, anat: _Anatomy, site: SiteAppearance,
+                  rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float]]:
+    """Tissue intensities as the site's scanner stores them, and the patient's VOI window."""
+    lo, hi = anat.z_mm
     jitter_scale = 1.0 + float(np.clip(rng.normal(0, site.patient_jitter), -0.1, 0.1))
     gamma = site.gamma * (1.0 + float(np.clip(rng.normal(0, site.patient_jitter), -0.1, 0.1)))
     img = np.power(np.clip(tissue * jitter_scale, 0.0, None), gamma)
@@ -578,14 +633,7 @@ def _render_patient(
     w_hi = float(np.percentile(values[in_brain], 90.0)) if in_brain.any() else float(values.max())
     width = max((w_hi - w_lo) * 1.5, 1.0)
     center_w = w_lo - 0.03 * width + width / 2
-    return _Patient(
-        stored=stored,
-        masks=masks,
-        kinds=kinds_per_slice,
-        z_mm=z_mm,
-        window=(round(center_w, 1), round(width, 1)),
-        lesions=lesions,
-    )
+    return stored, (round(center_w, 1), round(width, 1))
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -600,8 +648,10 @@ def _patient_dataset(
     shape: tuple[int, int],
     window: tuple[float, float],
     uid_key: list[str],
+    contrast: str = "t1",
+    series_number: int = 1,
 ):
-    """The DICOM tags shared by all slices of one patient (one study, one series)."""
+    """The DICOM tags shared by all slices of one patient's series (one study; one series per contrast)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
@@ -623,22 +673,23 @@ def _patient_dataset(
     ds.ManufacturerModelName = site.manufacturer_model
     ds.InstitutionName = f"Synthetic {site.name}"
     ds.StudyDescription = "medae synthetic benchmark (not a real patient)"
-    ds.SeriesDescription = "T1 axial synthetic"
+    ds.SeriesDescription = f"{contrast.upper()} axial synthetic"
     ds.PatientName = f"Synthetic^{patient_id.replace('-', '')}"
     ds.PatientID = patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.PatientIdentityRemoved = "YES"
     ds.BodyPartExamined = "BRAIN"
-    ds.ScanningSequence = "GR"
+    ds.ScanningSequence = {"t1": "GR", "t2": "SE", "flair": "IR"}[contrast]
     ds.SequenceVariant = "SP"
     ds.MRAcquisitionType = "3D"
     ds.SliceThickness = "2.0"
+    series_key = uid_key if series_number == 1 and contrast == "t1" else [*uid_key, contrast]
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[*uid_key, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*uid_key, "series"])
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*uid_key, "frame"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*series_key, "series"])
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*uid_key, "frame"])  # the contrasts share one frame
     ds.StudyID = f"{patient_number:04d}"
-    ds.SeriesNumber = 1
+    ds.SeriesNumber = series_number
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -699,6 +750,7 @@ def make_benchmark(
     public: int = 0,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    contrasts: tuple[str, ...] = ("t1",),
 ) -> dict[str, Any]:
     """Write the synthetic multi-site DICOM benchmark into ``out`` and return its summary.
 
@@ -714,7 +766,18 @@ def make_benchmark(
 
     ``workers``: processes to write with (default: every CPU this process may use,
     for 60 patients or more). The files are identical whatever it is.
+
+    ``contrasts``: the sites' contrasts, from `CONTRASTS` (t1, t2, flair). Each patient is
+    rendered in each of them from the same anatomy and lesions (a paired multi-contrast set),
+    one DICOM series per contrast (``PATIENT/<contrast>/NNN.dcm``, the contrast in
+    SeriesDescription, one study and frame of reference); test labels list every contrast's
+    file with the slice's one mask. T1 alone (the default) keeps ``PATIENT/NNN.dcm``.
+    The public set has the same contrasts.
     """
+    contrasts = tuple(contrasts)
+    if not contrasts or len(set(contrasts)) != len(contrasts) or set(contrasts) - set(CONTRASTS):
+        raise DataError(f"make_benchmark: contrasts must be distinct names from {', '.join(CONTRASTS)}; "
+                        f"got {list(contrasts)}")
     out = Path(out)
     checks = (("sites", sites, 0), ("patients", patients, 3), ("seed", seed, 0),
               ("slices_per_patient", slices_per_patient, 1), ("public", public, 0))
@@ -744,6 +807,8 @@ def make_benchmark(
     params = {"sites": sites, "patients": patients, "seed": seed, "slices_per_patient": slices_per_patient}
     if test_patients is not None:
         params["test_patients"] = n_test
+    if contrasts != ("t1",):
+        params["contrasts"] = ",".join(contrasts)
     summary: dict[str, Any] = {
         "generator": "medae make-benchmark",
         "version": GENERATOR_VERSION,
@@ -761,10 +826,13 @@ def make_benchmark(
     tasks: list[tuple[Callable, tuple, int]] = []
     for si in range(sites):
         for chunk in _chunks(n_train):
-            tasks.append((_write_train_patients, (out, seed, si, chunk, slices_per_patient, params), len(chunk)))
-        tasks.append((_write_test_patients, (out, seed, si, n_train, patients, slices_per_patient, params), n_test))
+            tasks.append((_write_train_patients, (out, seed, si, chunk, slices_per_patient, params, contrasts),
+                          len(chunk)))
+        tasks.append((_write_test_patients, (out, seed, si, n_train, patients, slices_per_patient, params,
+                                             contrasts), n_test))
     for chunk in _chunks(public):
-        tasks.append((_write_public_patients, (out / "public", seed, chunk, slices_per_patient), len(chunk)))
+        tasks.append((_write_public_patients, (out / "public", seed, chunk, slices_per_patient, contrasts),
+                      len(chunk)))
     results = _run_tasks(tasks, total, progress, workers)
 
     k = 0
@@ -849,13 +917,15 @@ def _run_tasks(tasks: list[tuple[Callable, tuple, int]], total: int,
 
 
 def _write_train_patients(out: Path, seed: int, si: int, pis: list[int], slices_per_patient: int,
-                          params: dict[str, Any], tick: Callable[[], None] = lambda: None) -> int:
+                          params: dict[str, Any], contrasts: tuple[str, ...] = ("t1",),
+                          tick: Callable[[], None] = lambda: None) -> int:
     """Healthy training patients ``pis`` of site ``si``; returns the slices written."""
     anat, site = _anatomy(), _site_appearance(seed, si)
     slices = 0
     for pi in pis:
         pid = f"S{si + 1}-P{pi + 1:03d}"
-        pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, None)
+        pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, None,
+                              contrasts)
         uid_key = _site_uid_key(params, site, pid)
         _write_patient(anat, site, si, pid, pi + 1, pat, out / site.name / "train" / pid, uid_key)
         slices += len(pat.z_mm)
@@ -864,7 +934,8 @@ def _write_train_patients(out: Path, seed: int, si: int, pis: list[int], slices_
 
 
 def _write_test_patients(out: Path, seed: int, si: int, n_train: int, patients: int, slices_per_patient: int,
-                         params: dict[str, Any], tick: Callable[[], None] = lambda: None) -> dict[str, Any]:
+                         params: dict[str, Any], contrasts: tuple[str, ...] = ("t1",),
+                         tick: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Site ``si``'s test patients, their masks and labels.csv; returns the test part of the site's summary."""
     anat, site = _anatomy(), _site_appearance(seed, si)
     site_dir = out / site.name
@@ -887,22 +958,23 @@ def _write_test_patients(out: Path, seed: int, si: int, n_train: int, patients: 
     for pi in range(n_train, patients):
         pid = f"S{si + 1}-P{pi + 1:03d}"
         lesion_plan.with_mass = (pi - n_train) % 2 == mass_parity
-        pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, lesion_plan)
+        pat = _render_patient(anat, site, np.random.default_rng([seed, si, pi, 7]), slices_per_patient, lesion_plan,
+                              contrasts)
         lesion_plan.slice_counts += pat.masks.any(axis=(1, 2))
         uid_key = _site_uid_key(params, site, pid)
         _write_patient(anat, site, si, pid, pi + 1, pat, site_dir / "test" / pid, uid_key)
         for k in range(len(pat.z_mm)):
-            rel = f"{pid}/{k:03d}.dcm"
+            rels = [f"{pid}/{_series_folder(contrasts, c)}{k:03d}.dcm" for c in contrasts]
             if pat.masks[k].any():
                 (site_dir / "test" / "masks").mkdir(parents=True, exist_ok=True)
                 mask_rel = f"masks/{pid}_{k:03d}.png"
                 _write_mask(site_dir / "test" / mask_rel, pat.masks[k])
-                rows.append((rel, 1, mask_rel))
-                kinds[rel] = list(pat.kinds[k])
+                rows += [(rel, 1, mask_rel) for rel in rels]
+                kinds.update({rel: list(pat.kinds[k]) for rel in rels})
                 for kd in pat.kinds[k]:
                     test["anomalous_slices_by_kind"][kd] += 1
             else:
-                rows.append((rel, 0, ""))
+                rows += [(rel, 0, "") for rel in rels]
         test["slices"] += len(pat.z_mm)
         for les in pat.lesions:
             test["lesions_by_kind"][les.kind] += 1
@@ -911,25 +983,36 @@ def _write_test_patients(out: Path, seed: int, si: int, n_train: int, patients: 
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["path", "label", "mask"])
         writer.writerows(rows)
-    test["anomalous_slices"] = sum(r[1] for r in rows)
-    test["healthy_slices"] = len(rows) - test["anomalous_slices"]
+    test["anomalous_slices"] = sum(r[1] for r in rows) // len(contrasts)  # slice positions, in each contrast
+    test["healthy_slices"] = len(rows) // len(contrasts) - test["anomalous_slices"]
     return {"test": test, "anomalous_slice_kinds": kinds}
+
+
+def _series_folder(contrasts: tuple[str, ...], contrast: str) -> str:
+    """Where a contrast's series goes in the patient's folder: the folder itself for T1 alone."""
+    return "" if contrasts == ("t1",) else f"{contrast}/"
 
 
 def _write_patient(anat, site: SiteAppearance, site_index: int, pid: str, number: int, pat: _Patient,
                    pdir: Path, uid_key: list[str]) -> None:
-    """One patient's slices as one DICOM series in ``pdir``."""
-    pdir.mkdir(parents=True, exist_ok=True)
-    ds = _patient_dataset(site=site, site_index=site_index, patient_id=pid, patient_number=number,
-                          shape=pat.stored.shape[1:], window=pat.window, uid_key=uid_key)
+    """One patient's slices, one DICOM series per contrast, in ``pdir``."""
+    contrasts = tuple(pat.contrasts) or ("t1",)
     _, x0, y0 = _slice_points(anat, site, pat.z_mm[:1])
-    for k in range(len(pat.z_mm)):
-        _write_slice(ds, pdir / f"{k:03d}.dcm", pat.stored[k], slice_index=k,
-                     origin=(x0, y0, float(pat.z_mm[k])), uid_key=uid_key)
+    for number_in_study, contrast in enumerate(contrasts, 1):
+        stored, window = pat.contrasts.get(contrast, (pat.stored, pat.window))
+        sdir = pdir / _series_folder(contrasts, contrast)
+        sdir.mkdir(parents=True, exist_ok=True)
+        ds = _patient_dataset(site=site, site_index=site_index, patient_id=pid, patient_number=number,
+                              shape=stored.shape[1:], window=window, uid_key=uid_key, contrast=contrast,
+                              series_number=number_in_study)
+        sop_key = uid_key if contrasts == ("t1",) else [*uid_key, contrast]
+        for k in range(len(pat.z_mm)):
+            _write_slice(ds, sdir / f"{k:03d}.dcm", stored[k], slice_index=k,
+                         origin=(x0, y0, float(pat.z_mm[k])), uid_key=sop_key)
 
 
 def _write_public_patients(out: Path, seed: int, js: list[int], slices_per_patient: int,
-                           tick: Callable[[], None] = lambda: None) -> int:
+                           contrasts: tuple[str, ...] = ("t1",), tick: Callable[[], None] = lambda: None) -> int:
     """Healthy public patients ``js`` over `PUBLIC_SCANNERS` public scanners, in ``out`` (one folder per patient)."""
     anat = _anatomy()
     scanners = [_site_appearance(seed, j, public=True) for j in range(PUBLIC_SCANNERS)]
@@ -937,7 +1020,7 @@ def _write_public_patients(out: Path, seed: int, js: list[int], slices_per_patie
         scanner = scanners[j % len(scanners)]
         pid = f"PUB-P{j + 1:04d}"
         rng = np.random.default_rng([seed, PUBLIC_STREAM, j, 7])
-        pat = _render_patient(anat, scanner, rng, slices_per_patient, None)
+        pat = _render_patient(anat, scanner, rng, slices_per_patient, None, contrasts)
         uid_key = ["medae-benchmark-public", str(GENERATOR_VERSION), str(seed), str(slices_per_patient), pid]
         _write_patient(anat, scanner, 100 + j % len(scanners), pid, j + 1, pat, out / pid, uid_key)
         tick()

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from medae_core.errors import ConfigError
 
-ModelKind = Literal["ae", "vae", "dae", "sae"]
+ModelKind = Literal["ae", "vae", "dae", "sae", "cvae", "hvae"]
 MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)  # the one list of model kinds
 IMAGE_SIZES = (64, 128, 256)  # what the models are built for
 
@@ -40,10 +40,22 @@ class ModelConfig:
     coarse_noise_std: float = 0.2  # DAE: std of coarse (low-resolution) noise
     coarse_noise_res: int = 16  # DAE: resolution of the coarse noise field
     sparsity_weight: float = 1e-3  # SAE: L1 weight on the code
+    # CVAE: the labels it is conditioned on (contrasts, e.g. ["t1", "t2", "flair"]); each image's
+    # label is found as data.contrasts says. Empty for every other kind.
+    labels: tuple[str, ...] = ()  # CVAE: its condition labels, e.g. ["t1", "t2", "flair"]
+    # HVAE: channels of its second, spatial latent at 1/4 of the image size (the first is latent_dim)
+    local_latent_channels: int = 4  # HVAE: channels of the spatial latent at 1/4 of the image size
 
     def __post_init__(self) -> None:
-        _positive(self, "model", "latent_dim", "in_channels", "groups", "coarse_noise_res")
+        _positive(self, "model", "latent_dim", "in_channels", "groups", "coarse_noise_res", "local_latent_channels")
         _at_least(self, "model", 0.0, "beta", "noise_std", "coarse_noise_std", "sparsity_weight")
+        _check_labels(self.labels, "model.labels")
+        if self.kind == "cvae" and len(self.labels) < 2:
+            raise ConfigError('model.kind = "cvae" needs at least two model.labels to condition on, '
+                              'e.g. labels = ["t1", "t2", "flair"]')
+        if self.kind != "cvae" and self.labels:
+            raise ConfigError(f"model.labels is for the conditional VAE (kind = \"cvae\"); "
+                              f"a {self.kind!r} takes no labels")
 
 
 
@@ -68,10 +80,18 @@ class DataConfig:
     # data folder ($MEDAE_CACHE_DIR, else ~/.cache/medae/images), keyed by the file's bytes and
     # these settings. Off by default: it is a second copy of patient pixels (`medae cache`).
     cache: bool = False  # decoded images kept in $MEDAE_CACHE_DIR (default ~/.cache/medae/images)
+    # The contrasts a run reads (e.g. ["flair"]); empty = every image. An image's contrast is the
+    # first of: a contrast_map entry "TEXT=label" whose TEXT is in its DICOM SeriesDescription, a
+    # label that is a word of its SeriesDescription, a label that names one of its folders.
+    # Images of other contrasts, or of none, are left out with the reason. A CVAE reads its labels.
+    contrasts: tuple[str, ...] = ()  # contrasts read (e.g. ["flair"]); empty = all; a CVAE: its labels
+    contrast_map: tuple[str, ...] = ()  # "SeriesDescription text=label" entries, e.g. ["MPRAGE=t1"]
 
     def preprocessing(self) -> dict[str, Any]:
-        """The settings that decide what reading a file gives (not how patients are split, nor caching)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("val_fraction", "cache")}
+        """The settings that decide what reading a file gives (not how patients are split, which
+        contrasts are kept, nor caching)."""
+        left_out = ("val_fraction", "cache", "contrasts", "contrast_map")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in left_out}
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
@@ -80,6 +100,12 @@ class DataConfig:
         _in_range(self, "data", "min_foreground", 0.0, 1.0)
         _in_range(self, "data", "val_fraction", 0.0, 1.0, high_open=True)
         _positive(self, "data", "max_image_mb")
+        _check_labels(self.contrasts, "data.contrasts")
+        for entry in self.contrast_map:
+            text, sep, label = entry.rpartition("=")
+            if not sep or not text.strip() or not label.strip() or "," in entry:
+                raise ConfigError(f'data.contrast_map entries are "SeriesDescription text=label" (no commas), '
+                                  f'e.g. "MPRAGE=t1"; got {entry!r}')
 
 
 
@@ -226,6 +252,16 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        labels = self.model.labels
+        if labels and not self.data.contrasts:  # a CVAE reads the contrasts it is conditioned on
+            object.__setattr__(self, "data", dataclasses.replace(self.data, contrasts=labels))
+        elif labels and self.data.contrasts != labels:
+            raise ConfigError(f"a CVAE reads the contrasts it is conditioned on, in that order: data.contrasts "
+                              f"{list(self.data.contrasts)} must be empty or model.labels {list(labels)}")
+        if labels and self.train.augment_with_samples > 0:
+            raise ConfigError("train.augment_with_samples draws unlabelled VAE samples; a CVAE cannot train on them")
+
     # -- construction -------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -316,6 +352,15 @@ def _in_range(obj: Any, section: str, name: str, low: float, high: float, *,
         raise ConfigError(f"{section}.{name} must be in {interval}; got {value!r}")
 
 
+def _check_labels(labels: tuple[str, ...], key: str) -> None:
+    for label in labels:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", label):
+            raise ConfigError(f"{key} entries are short lower-case names (letters, digits, _ and -), "
+                              f"e.g. \"t1\"; got {label!r}")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{key} lists a label twice: {list(labels)}")
+
+
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -328,7 +373,8 @@ def _from_flat_value(hint: Any, value: Any) -> Any:
     if value == "" and _allows_none(hint):
         return None
     if _origin(hint) is tuple and isinstance(value, str):
-        return [int(v) for v in value.split(",") if v.strip()]
+        item = typing.get_args(hint)[0]
+        return [item(v) if item is int else v for v in value.split(",") if v.strip()]
     return value
 
 
@@ -376,8 +422,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
     if origin is tuple:
-        if not isinstance(value, list | tuple) or not all(isinstance(v, int) for v in value):
-            raise ConfigError(f"{key} must be a list of integers; got {value!r}")
+        item = typing.get_args(hint)[0]
+        ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value) if isinstance(value, list | tuple) else False
+        if not ok:
+            raise ConfigError(f"{key} must be a list of {'integers' if item is int else 'strings'}; got {value!r}")
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

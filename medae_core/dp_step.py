@@ -125,16 +125,21 @@ class Stepper:
     def attach_accountant_hook(self, fn: Callable) -> None:
         self.optimizer.attach_step_hook(fn)
 
-    def compute_gradient(self, x_in: Tensor, x_target: Tensor, gen: torch.Generator) -> Tensor:
-        """Forward + backward; leaves what the optimizer needs. Returns per-sample losses."""
+    def compute_gradient(self, x_in: Tensor, x_target: Tensor, gen: torch.Generator,
+                         cond: Tensor | None = None) -> Tensor:
+        """Forward + backward; leaves what the optimizer needs. Returns per-sample losses.
+
+        ``cond``: a conditional model's label index per image (None for the others).
+        """
         with warnings.catch_warnings():
             # Opacus' module hooks on the first layer warn that the input needs
             # no gradient; that is expected (images are not trained).
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            return self._compute_gradient(x_in, x_target, gen)
+            return self._compute_gradient(x_in, x_target, gen, cond)
 
-    def _compute_gradient(self, x_in: Tensor, x_target: Tensor, gen: torch.Generator) -> Tensor:
-        out = self._forward(x_in, generator=gen)
+    def _compute_gradient(self, x_in: Tensor, x_target: Tensor, gen: torch.Generator,
+                          cond: Tensor | None) -> Tensor:
+        out = self._forward(x_in, generator=gen, cond=cond)
         loss = self.model.per_sample_loss(x_target, out)
         if not self.dp:
             loss.mean().backward()
@@ -196,6 +201,7 @@ def privatized_gradient(
     noise_multiplier: float = 0.0,
     expected_batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    cond: Tensor | None = None,
 ) -> list[Tensor]:
     """The gradient one DP training step would apply, through the same code path.
 
@@ -217,7 +223,7 @@ def privatized_gradient(
     )
     try:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        stepper.compute_gradient(x, x, gen)
+        stepper.compute_gradient(x, x, gen, cond)
         stepper.optimizer.pre_step()
         return [p.grad.detach().clone() for p in stepper.params]
     finally:

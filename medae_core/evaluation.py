@@ -41,6 +41,7 @@ class LabelledSet:
     masks: np.ndarray | None  # [N,S,S] bool, or None when no image has a mask
     has_mask: np.ndarray  # [N] bool
     index: np.ndarray | None = None  # positions in the scan it came from (None when pooled)
+    cond: np.ndarray | None = None  # each image's contrast index (`Scan.contrast_index`), a CVAE's label
 
     @classmethod
     def of(cls, scan: Scan | None) -> LabelledSet | None:
@@ -54,6 +55,7 @@ class LabelledSet:
             masks=scan.masks[index] if scan.masks is not None else None,
             has_mask=scan.has_mask[index] if scan.has_mask is not None else np.zeros(len(index), bool),
             index=index,
+            cond=scan.contrast_index[index] if scan.contrast_index is not None else None,
         )
 
     @classmethod
@@ -68,6 +70,7 @@ class LabelledSet:
             masks=None if all(s.masks is None for s in sets) else np.concatenate(
                 [s.masks if s.masks is not None else np.zeros(s.images.shape, bool) for s in sets]),
             has_mask=np.concatenate([s.has_mask for s in sets]),
+            cond=None if any(s.cond is None for s in sets) else np.concatenate([s.cond for s in sets]),
         )
 
     def __len__(self) -> int:
@@ -80,7 +83,7 @@ class LabelledSet:
 
 def score_model(model: Any, test: LabelledSet, cfg: RunConfig, device: Any) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly maps and image scores of ``model`` on the set (its foreground computed once)."""
-    return scoring.anomaly_maps(model, test.images, cfg.scoring, device, fg_masks=test.foreground)
+    return scoring.anomaly_maps(model, test.images, cfg.scoring, device, fg_masks=test.foreground, cond=test.cond)
 
 
 def judge(test: LabelledSet, maps: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:

@@ -104,7 +104,7 @@ def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, h
         if len(scan.images) == 0:
             raise NoUsableImagesError(f"no usable image under {input_dir} ({len(scan.skipped)} files skipped)")
         model = bundle.build_model().to(device)
-        maps, scores = scoring.anomaly_maps(model, scan.images, cfg.scoring, device)
+        maps, scores = scoring.anomaly_maps(model, scan.images, cfg.scoring, device, cond=scan.contrast_index)
         threshold = bundle.threshold.value if bundle.threshold else None
         names = [safe_file_name(e.path, e.frame, i + 1) + ".png" for i, e in enumerate(scan.entries)]
         _write_scores(stage / "scores.csv", scan, scores, threshold, names if heatmaps else None)

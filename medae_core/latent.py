@@ -53,11 +53,13 @@ def load_model(model_path: Path, device=None):
 
 
 @torch.no_grad()
-def _in_batches(fn, x: np.ndarray, device, progress=None) -> np.ndarray:
+def _in_batches(fn, x: np.ndarray, device, progress=None, cond: np.ndarray | None = None) -> np.ndarray:
+    """``fn(batch, cond batch)`` over ``x`` in batches (cond: a conditional model's label indices, or None)."""
     outs = []
     for start in range(0, len(x), _BATCH):
         batch = torch.as_tensor(x[start:start + _BATCH], dtype=torch.float32, device=device)
-        outs.append(fn(batch).float().cpu().numpy())
+        c = None if cond is None else torch.as_tensor(cond[start:start + _BATCH], device=device)
+        outs.append(fn(batch, c).float().cpu().numpy())
         if progress:
             progress(min(start + _BATCH, len(x)), len(x))
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
@@ -73,12 +75,14 @@ def encode_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, 
         scan = scan_folder(input_dir, cfg.data, cfg.model.image_size)
         if len(scan.images) == 0:
             raise NoUsableImagesError(f"no usable image under {input_dir} ({len(scan.skipped)} files skipped)")
-        codes = _in_batches(model.encode, scan.images[:, None], device, progress).astype(np.float32)
+        cond = scan.contrast_index if model.conditional else None
+        codes = _in_batches(model.encode, scan.images[:, None], device, progress, cond).astype(np.float32)
         paths = np.array([printable_path(e.path) for e in scan.entries])
         frames = np.array([-1 if e.frame is None else e.frame for e in scan.entries], dtype=np.int64)
         digest = model_sha256(model_path)
+        labels = {} if cond is None else {"label": cond.astype(np.int64), "labels": np.array(cfg.model.labels)}
         np.savez(stage / "codes.npz", codes=codes, path=paths, frame=frames, model_sha256=np.array(digest),
-                 kind=np.array(cfg.model.kind), image_size=np.array(cfg.model.image_size))
+                 kind=np.array(cfg.model.kind), image_size=np.array(cfg.model.image_size), **labels)
         with (stage / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["row", "path", "frame"])
@@ -116,11 +120,17 @@ def decode_codes(model_path: Path, codes: Path, out: Path, *, device=None, progr
     if z.shape[1] != bundle.config.model.latent_dim:
         raise ConfigError(f"the codes have {z.shape[1]} dimensions; this {bundle.config.model.kind} decodes "
                           f"{bundle.config.model.latent_dim}: decode with the model that encoded them")
+    cond = None
+    if model.conditional:  # each code is decoded with the label it was encoded with
+        cond = data.get("label")
+        if cond is None or cond.shape != (len(z),) or list(data.get("labels", [])) != list(bundle.config.model.labels):
+            raise DataError("these codes carry no labels of this conditional VAE: encode them with it "
+                            "(`medae encode`), which records each image's label")
     digest = model_sha256(model_path)
     same = str(data.get("model_sha256", "")) == digest
     out = Path(out).absolute()
     with output_folder(out) as stage:
-        images = _in_batches(model.decode, z, device, progress)[:, 0]
+        images = _in_batches(model.decode, z, device, progress, cond)[:, 0]
         paths = data.get("path", np.array([f"code-{i}" for i in range(len(z))]))
         frames = data.get("frame", np.full(len(z), -1))
         names = [safe_file_name(str(p), None if int(f) < 0 else int(f), i + 1) + ".png"
@@ -132,8 +142,12 @@ def decode_codes(model_path: Path, codes: Path, out: Path, *, device=None, progr
     return summary
 
 
-def sample_images(model_path: Path, n: int, out: Path, *, seed: int = 0, fmt: str = "png", device=None) -> dict:
-    """``n`` new images from a VAE's prior, as PNG or synthetic DICOM; other model kinds are refused."""
+def sample_images(model_path: Path, n: int, out: Path, *, seed: int = 0, fmt: str = "png", device=None,
+                  label: str | None = None) -> dict:
+    """``n`` new images from a VAE's prior, as PNG or synthetic DICOM; other model kinds are refused.
+
+    A conditional VAE needs ``label`` (one of its ``model.labels``): the kind of image to make.
+    """
     if n < 1:
         raise ConfigError(f"--n must be at least 1; got {n}")
     if fmt not in OUTPUT_FORMATS:
@@ -142,12 +156,23 @@ def sample_images(model_path: Path, n: int, out: Path, *, seed: int = 0, fmt: st
     if not hasattr(model, "sample"):
         raise ConfigError(f"`sample` needs a VAE: this bundle is a {bundle.config.model.kind!r}, whose codes have "
                           "no prior to draw from (train with model.kind = \"vae\")")
+    labels = bundle.config.model.labels
+    if model.conditional and label not in labels:
+        raise ConfigError(f"this conditional VAE makes images of a chosen kind: give --label, one of "
+                          f"{', '.join(labels)}" + (f" (got {label!r})" if label is not None else ""))
+    if not model.conditional and label is not None:
+        raise ConfigError(f"--label is for a conditional VAE (model.kind = \"cvae\"); this bundle is a "
+                          f"{bundle.config.model.kind!r}")
     out = Path(out).absolute()
     generator = torch.Generator().manual_seed(int(seed))
+
+    def draw(k: int) -> np.ndarray:
+        cond = None if label is None else torch.full((k,), labels.index(label), device=device)
+        return model.sample(k, generator, cond=cond).float().cpu().numpy()[:, 0]
+
     with output_folder(out) as stage:
-        images = np.concatenate([model.sample(min(_BATCH, n - s), generator).float().cpu().numpy()[:, 0]
-                                 for s in range(0, n, _BATCH)])
-        series = _synthetic_series(seed)
+        images = np.concatenate([draw(min(_BATCH, n - s)) for s in range(0, n, _BATCH)])
+        series = _synthetic_series(seed) | {"label": label or ""}
         for i, image in enumerate(images):
             if fmt == "png":
                 write_png(stage / f"sample-{i + 1:05d}.png", image)
@@ -155,6 +180,8 @@ def sample_images(model_path: Path, n: int, out: Path, *, seed: int = 0, fmt: st
                 write_synthetic_dicom(stage / f"sample-{i + 1:05d}.dcm", image, series, i)
         summary = {"images": int(n), "format": fmt, "seed": int(seed), "model_sha256": model_sha256(model_path),
                    "privacy": "post-processing of the trained model: spends no ε"}
+        if label is not None:
+            summary["label"] = label
         write_json(stage / "summary.json", summary)
     return summary
 
@@ -198,7 +225,8 @@ def write_synthetic_dicom(path: Path, image: np.ndarray, series: dict[str, str],
     ds.PatientSex = "O"
     ds.PatientIdentityRemoved = "YES"
     ds.StudyDescription = "medae synthetic images (VAE samples, not a real patient)"
-    ds.SeriesDescription = "synthetic: medae VAE sample"
+    label = series.get("label", "")
+    ds.SeriesDescription = f"{label.upper()} SYNTHETIC medae CVAE sample" if label else "synthetic: medae VAE sample"
     ds.Manufacturer = "medae"
     ds.SeriesNumber, ds.InstanceNumber = 1, index + 1
     ds.BurnedInAnnotation = "NO"

@@ -77,6 +77,8 @@ __all__ = [
     "SUPPORTED_IMAGE_SIZES",
     "AnomalyModel",
     "AutoEncoder",
+    "ConditionalVAE",
+    "HierarchicalVAE",
     "DenoisingAutoEncoder",
     "ModelOutput",
     "SparseAutoEncoder",
@@ -104,6 +106,7 @@ class ModelOutput(NamedTuple):
     code: Tensor  # [B, latent_dim]; the sampled z for the VAE
     mu: Tensor | None = None  # VAE only
     logvar: Tensor | None = None  # VAE only
+    kl: Tensor | None = None  # HVAE: the spatial code's KL term per image [B]
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -137,7 +140,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
                 f"model.groups={cfg.groups} must divide every entry of model.channels; "
                 f"{bad} are not divisible (choose groups that divides {list(cfg.channels)})"
             )
-    if cfg.kind == "vae" and cfg.beta < 0:
+    if cfg.kind == "hvae":
+        hierarchical_level(cfg)
+    if cfg.kind in ("vae", "cvae", "hvae") and cfg.beta < 0:
         raise ConfigError(f"model.beta must be >= 0; got {cfg.beta}")
     if cfg.kind == "dae":
         if cfg.noise_std < 0 or cfg.coarse_noise_std < 0:
@@ -175,10 +180,10 @@ def _norm(channels: int, groups: int) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, out_features: int):
+    def __init__(self, cfg: ModelConfig, out_features: int, extra_inputs: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
-        c_in = cfg.in_channels
+        c_in = cfg.in_channels + extra_inputs  # a CVAE's label planes come in with the image
         for c in cfg.channels:
             layers += [
                 nn.Conv2d(c_in, c, kernel_size=3, stride=2, padding=1),
@@ -229,28 +234,38 @@ def _up_block(c_in: int, c_out: int, res_in: int) -> list[nn.Module]:
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, extra_inputs: int = 0):
         super().__init__()
         chans = list(cfg.channels)
         self.res = cfg.image_size // 2 ** len(chans)
         self.bc = _bottleneck_channels(cfg)
         # Mirror of the encoder's squeeze: a small Linear to bc channels, then
         # a 1x1 conv up to the deepest channel count.
-        self.fc = nn.Linear(cfg.latent_dim, self.bc * self.res * self.res)
+        self.fc = nn.Linear(cfg.latent_dim + extra_inputs, self.bc * self.res * self.res)
         self.expand = nn.Conv2d(self.bc, chans[-1], kernel_size=1)
         layers: list[nn.Module] = []
         res = self.res
+        self.stage_ends: list[int] = []  # index in `features` after each stage's norm (a CVAE conditions there)
+        self.stage_channels: list[int] = []
+        self.stage_res: list[int] = []
         # Stages from the deepest feature map back up: chans[-1] -> ... -> chans[0].
         for c_in, c_out in zip(chans[::-1][:-1], chans[::-1][1:]):
-            layers += _up_block(c_in, c_out, res) + [_norm(c_out, cfg.groups), nn.LeakyReLU(_LEAK)]
+            layers += _up_block(c_in, c_out, res) + [_norm(c_out, cfg.groups)]
+            self.stage_ends.append(len(layers))
+            self.stage_channels.append(c_out)
+            layers.append(nn.LeakyReLU(_LEAK))
             res *= 2
+            self.stage_res.append(res)
         layers += _up_block(chans[0], cfg.in_channels, res)
         self.features = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.features(self.stem(z)))
+
+    def stem(self, z: Tensor) -> Tensor:
+        """The deepest feature map [B, channels[-1], R, R] from a code (and a CVAE's label)."""
         h = F.leaky_relu(self.fc(z), _LEAK).view(-1, self.bc, self.res, self.res)
-        h = F.leaky_relu(self.expand(h), _LEAK)
-        return torch.sigmoid(self.features(h))
+        return F.leaky_relu(self.expand(h), _LEAK)
 
 
 class AnomalyModel(nn.Module):
@@ -274,17 +289,19 @@ class AnomalyModel(nn.Module):
         return cfg.latent_dim
 
     # -- core ------------------------------------------------------------------
-    def encode(self, x: Tensor) -> Tensor:
+    conditional: bool = False  # True: every call takes `cond`, the label index of each image [B]
+
+    def encode(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Latent code [B, latent_dim] (the posterior mean for the VAE)."""
         return self.encoder(x)
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         """Images [B, C, S, S] in (0, 1) from codes [B, latent_dim]."""
         return self.decoder(z)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
-        code = self.encode(x)
-        return ModelOutput(recon=self.decode(code), code=code)
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> ModelOutput:
+        code = self.encode(x, cond)
+        return ModelOutput(recon=self.decode(code, cond), code=code)
 
     def per_sample_loss(self, x_target: Tensor, out: ModelOutput) -> Tensor:
         """One loss value per image, shape [B]: MSE over pixels + model term."""
@@ -295,9 +312,9 @@ class AnomalyModel(nn.Module):
         return x
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
+    def reconstruct(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Deterministic reconstruction of `x` (no corruption, VAE uses the mean)."""
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x, cond), cond)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -352,24 +369,19 @@ class VariationalAutoEncoder(AnomalyModel):
     def _encoder_outputs(cfg: ModelConfig) -> int:
         return 2 * cfg.latent_dim
 
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def posterior(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of q(z|x), each [B, latent_dim]."""
         h = self.encoder(x)
         mu, logvar = h.chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 12.0)
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self.posterior(x)[0]
+    def encode(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.posterior(x, cond)[0]
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
-        mu, logvar = self.posterior(x)
-        if self.training:
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            eps = torch.randn(mu.shape, generator=generator, device=gen_device)
-            z = mu + torch.exp(0.5 * logvar) * eps.to(device=mu.device, dtype=mu.dtype)
-        else:
-            z = mu
-        return ModelOutput(recon=self.decode(z), code=z, mu=mu, logvar=logvar)
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> ModelOutput:
+        mu, logvar = self.posterior(x, cond)
+        z = _draw(mu, logvar, generator) if self.training else mu
+        return ModelOutput(recon=self.decode(z, cond), code=z, mu=mu, logvar=logvar)
 
     @staticmethod
     def kl_from(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -382,24 +394,213 @@ class VariationalAutoEncoder(AnomalyModel):
         return mse + self.cfg.beta * self.kl_from(out.mu, out.logvar) / n_pixels
 
     @torch.no_grad()
-    def kl_per_sample(self, x: Tensor) -> Tensor:
+    def kl_per_sample(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """KL divergence of the posterior from the prior for each image, [B]."""
-        return self.kl_from(*self.posterior(x))
+        return self.kl_from(*self.posterior(x, cond))
 
     @torch.no_grad()
-    def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def elbo_terms(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(squared error map of the mean reconstruction [B, C, S, S], KL [B])."""
-        mu, logvar = self.posterior(x)
-        recon = self.decode(mu)
+        mu, logvar = self.posterior(x, cond)
+        recon = self.decode(mu, cond)
         return (recon - x).pow(2), self.kl_from(mu, logvar)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, cond: Tensor | None = None) -> Tensor:
         """Decode ``n`` draws z ~ N(0, I) into new images [n, C, S, S]."""
         device = next(self.parameters()).device
         gen_device = generator.device if generator is not None else torch.device("cpu")
         z = torch.randn((n, self.cfg.latent_dim), generator=generator, device=gen_device)
-        return self.decode(z.to(device))
+        return self.decode(z.to(device), cond)
+
+
+def _draw(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The reparameterised sample mu + sigma * eps, eps from `generator` (any device's)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    eps = torch.randn(mu.shape, generator=generator, device=gen_device)
+    return mu + torch.exp(0.5 * logvar) * eps.to(device=mu.device, dtype=mu.dtype)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)) summed over all but the batch axis, [B] (nats)."""
+    kl = 0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p).pow(2)) / logvar_p.exp() - 1.0)
+    return kl.flatten(1).sum(1)
+
+
+class ConditionalVAE(VariationalAutoEncoder):
+    """A VAE conditioned on a label per image: its contrast (``model.labels``), e.g. T1, T2 or FLAIR.
+
+    The label enters three times (Sohn et al. 2015; FiLM, Perez et al. 2018): as one-hot
+    planes concatenated to the encoder's input, concatenated to the code in the
+    decoder's first dense layer, and as a per-channel scale and shift after every
+    decoder stage's GroupNorm (a Linear from the one-hot, zero-initialised, so training
+    starts from the unconditional decoder). All are Conv2d or Linear: Opacus and the
+    book-keeping clipper compute their per-sample gradients like any other layer's.
+
+    Translation encodes an image with its own label and decodes the code with
+    another (`translate`); generation decodes prior draws with a chosen label.
+    ``cond`` is an integer tensor [B] of positions in ``model.labels``.
+    """
+
+    kind = "cvae"
+    conditional = True
+
+    def __init__(self, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        validate_model_config(cfg)
+        self.cfg = cfg
+        k = len(cfg.labels)
+        self.encoder = Encoder(cfg, 2 * cfg.latent_dim, extra_inputs=k)
+        self.decoder = Decoder(cfg, extra_inputs=k)
+        self.film = nn.ModuleList(nn.Linear(k, 2 * c) for c in self.decoder.stage_channels)
+
+    def _onehot(self, cond: Tensor | None, like: Tensor) -> Tensor:
+        if cond is None:
+            raise ConfigError("a conditional VAE needs each image's label (cond); the data gave none")
+        cond = torch.as_tensor(cond, device=like.device).long().reshape(-1)
+        k = len(self.cfg.labels)
+        if cond.numel() != like.shape[0] or bool(((cond < 0) | (cond >= k)).any()):
+            raise ConfigError(f"cond must hold one label index in [0, {k}) per image")
+        return F.one_hot(cond, k).to(like.dtype)
+
+    def posterior(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        c = self._onehot(cond, x)
+        planes = c[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+        mu, logvar = self.encoder(torch.cat([x, planes], dim=1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 12.0)
+
+    def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        c = self._onehot(cond, z)
+        h = self.decoder.stem(torch.cat([z, c], dim=1))
+        stage = 0
+        for i, layer in enumerate(self.decoder.features, start=1):
+            h = layer(h)
+            if stage < len(self.film) and i == self.decoder.stage_ends[stage]:
+                scale, shift = self.film[stage](c).chunk(2, dim=1)
+                h = h * (1.0 + scale[:, :, None, None]) + shift[:, :, None, None]
+                stage += 1
+        return torch.sigmoid(h)
+
+    @torch.no_grad()
+    def translate(self, x: Tensor, cond: Tensor, target: Tensor) -> Tensor:
+        """``x`` (labels ``cond``) as the model would show it with labels ``target``: [B, C, S, S]."""
+        return self.decode(self.encode(x, cond), target)
+
+
+class HierarchicalVAE(VariationalAutoEncoder):
+    """A two-level VAE: a global code (``latent_dim``) and a spatial code at 1/4 of the image size.
+
+    Ladder / top-down design kept small for DP (Sønderby et al. 2016; Vahdat & Kautz
+    2020, NVAE): the encoder's features at 1/4 resolution and the decoder's features
+    there (from the global code) give the posterior of the spatial code
+    ``q(z2 | x, z1)`` (a 1x1 conv of both), the decoder's features alone give its prior
+    ``p(z2 | z1)``; the decoder adds a 1x1 conv of ``z2`` to its features and goes on up
+    to the image. The loss is the negative ELBO per pixel, both KL terms included.
+    The spatial code carries local detail the global code cannot, which a flat VAE
+    loses at 128 and 256 px; its KL term keeps it from copying the image (and its
+    anomalies) through. Every layer is Conv2d, Linear or GroupNorm.
+    """
+
+    kind = "hvae"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.level = hierarchical_level(cfg)
+        enc_channels = cfg.channels[1]  # the encoder's features after two stride-2 stages: 1/4 size
+        dec_channels = self.decoder.stage_channels[self.level]
+        zc = cfg.local_latent_channels
+        self.local_posterior = nn.Conv2d(enc_channels + dec_channels, 2 * zc, kernel_size=1)
+        self.local_prior = nn.Conv2d(dec_channels, 2 * zc, kernel_size=1)
+        self.local_in = nn.Conv2d(zc, dec_channels, kernel_size=1)
+
+    def _features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the encoder's features at 1/4 size, the global posterior's raw output)."""
+        enc = self.encoder
+        h = x
+        skip = None
+        for i, layer in enumerate(enc.features, start=1):
+            h = layer(h)
+            if i == 6:  # after two [conv, norm, act] stages
+                skip = h
+        return skip, enc.fc(enc.squeeze(h).flatten(1))
+
+    def _top(self, z1: Tensor) -> tuple[Tensor, int]:
+        """The decoder from the global code up to the 1/4-size stage: (features, next layer index)."""
+        h = self.decoder.stem(z1)
+        end = self.decoder.stage_ends[self.level] + 1  # through that stage's activation
+        for layer in self.decoder.features[:end]:
+            h = layer(h)
+        return h, end
+
+    def _bottom(self, h: Tensor, z2: Tensor, start: int) -> Tensor:
+        h = h + self.local_in(z2)
+        for layer in self.decoder.features[start:]:
+            h = layer(h)
+        return torch.sigmoid(h)
+
+    @staticmethod
+    def _split(t: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = t.chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 12.0)
+
+    def posterior(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._split(self._features(x)[1])
+
+    def _pass(self, x: Tensor, generator: torch.Generator | None, sample: bool):
+        skip, top = self._features(x)
+        mu, logvar = self._split(top)
+        z1 = _draw(mu, logvar, generator) if sample else mu
+        h, start = self._top(z1)
+        mu2, logvar2 = self._split(self.local_posterior(torch.cat([skip, h], dim=1)))
+        mu2_p, logvar2_p = self._split(self.local_prior(h))
+        z2 = _draw(mu2, logvar2, generator) if sample else mu2
+        recon = self._bottom(h, z2, start)
+        return recon, z1, mu, logvar, gaussian_kl(mu2, logvar2, mu2_p, logvar2_p)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> ModelOutput:
+        recon, z1, mu, logvar, kl_local = self._pass(x, generator, sample=self.training)
+        return ModelOutput(recon=recon, code=z1, mu=mu, logvar=logvar, kl=kl_local)
+
+    def per_sample_loss(self, x_target: Tensor, out: ModelOutput) -> Tensor:
+        return super().per_sample_loss(x_target, out) + self.cfg.beta * out.kl / x_target[0].numel()
+
+    def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Images from global codes; the spatial code is its prior's mean given them."""
+        h, start = self._top(z)
+        return self._bottom(h, self._split(self.local_prior(h))[0], start)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self._pass(x, None, sample=False)[0]
+
+    @torch.no_grad()
+    def kl_per_sample(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        _, _, mu, logvar, kl_local = self._pass(x, None, sample=False)
+        return self.kl_from(mu, logvar) + kl_local
+
+    @torch.no_grad()
+    def elbo_terms(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        recon, _, mu, logvar, kl_local = self._pass(x, None, sample=False)
+        return (recon - x).pow(2), self.kl_from(mu, logvar) + kl_local
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, cond: Tensor | None = None) -> Tensor:
+        """Both levels from their priors: z1 ~ N(0, I), z2 ~ p(z2 | z1)."""
+        device = next(self.parameters()).device
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        z1 = torch.randn((n, self.cfg.latent_dim), generator=generator, device=gen_device).to(device)
+        h, start = self._top(z1)
+        mu_p, logvar_p = self._split(self.local_prior(h))
+        return self._bottom(h, _draw(mu_p, logvar_p, generator), start)
+
+
+def hierarchical_level(cfg: ModelConfig) -> int:
+    """The decoder stage whose output is at 1/4 of the image size (where the spatial code lives)."""
+    stages = len(cfg.channels)
+    if stages < 3:
+        raise ConfigError(f"model.kind = \"hvae\" needs at least 3 stride-2 stages in model.channels "
+                          f"(its spatial code sits at 1/4 size); got {list(cfg.channels)}")
+    return stages - 3  # decoder stage i ends at image_size / 2^(stages - 1 - i)
 
 
 _KINDS: dict[str, type[AnomalyModel]] = {
@@ -407,6 +608,8 @@ _KINDS: dict[str, type[AnomalyModel]] = {
     "vae": VariationalAutoEncoder,
     "dae": DenoisingAutoEncoder,
     "sae": SparseAutoEncoder,
+    "cvae": ConditionalVAE,
+    "hvae": HierarchicalVAE,
 }
 
 
@@ -434,6 +637,9 @@ def init_weights(model: nn.Module, seed: int) -> None:
         elif isinstance(m, nn.GroupNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    for film in getattr(model, "film", ()):  # a CVAE starts as the unconditional decoder
+        nn.init.zeros_(film.weight)
+        nn.init.zeros_(film.bias)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> AnomalyModel:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from medae_core.bundle import Bundle, save_bundle
 from medae_core.config import RunConfig
+from medae_core.errors import ConfigError
 from medae_core.fileio import ensure_outside, output_folder
 from medae_core.site import SiteTrainer, load_site_data, train_and_calibrate
 from medae_core.starts import BUILTIN, PROVENANCE_KEY, builtin_location, config_hash
@@ -98,14 +99,20 @@ def ensure_start(cfg: RunConfig) -> None:
 
 def build_builtin(cfg: RunConfig, out: Path, work: Path | None = None) -> dict:
     """Write the built-in public set into a scratch folder, pretrain on it, keep only the bundle."""
-    from medae_core.benchmark import make_benchmark
+    from medae_core.benchmark import CONTRASTS, make_benchmark
 
     out = Path(out)
     cfg = cfg.with_overrides(BUILTIN_TRAIN)
+    contrasts = cfg.data.contrasts or ("t1",)  # the public start sees the contrasts the run reads (a CVAE: its labels)
+    if set(contrasts) - set(CONTRASTS):
+        raise ConfigError(f"train.init = \"builtin\": the built-in public set has the contrasts "
+                          f"{', '.join(CONTRASTS)}, not {', '.join(sorted(set(contrasts) - set(CONTRASTS)))}; "
+                          "pretrain on public data of your own (`medae pretrain`) or set train.init = \"none\"")
     scratch = Path(tempfile.mkdtemp(prefix="medae-public-", dir=work))
     try:
         with output_folder(out, marker="bundle.json") as stage:  # the bundle is complete or absent
-            make_benchmark(scratch / "set", sites=0, public=BUILTIN_PUBLIC_PATIENTS, seed=BUILTIN_PUBLIC_SEED)
+            make_benchmark(scratch / "set", sites=0, public=BUILTIN_PUBLIC_PATIENTS, seed=BUILTIN_PUBLIC_SEED,
+                           contrasts=contrasts)
             summary = pretrain(scratch / "set" / "public", stage, cfg)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

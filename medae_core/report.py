@@ -129,7 +129,13 @@ def reference_figures(bundle, reference) -> list[str]:
 
     images, masks = reference
     model = bundle.build_model()
-    recons, maps, scores = scoring.reconstruct_and_score(model, images, bundle.config.scoring, "cpu", 32)
+    cond = None
+    if model.conditional:  # the reference slices are T1
+        labels = bundle.config.model.labels
+        if "t1" not in labels:
+            return []
+        cond = np.full(len(images), labels.index("t1"))
+    recons, maps, scores = scoring.reconstruct_and_score(model, images, bundle.config.scoring, "cpu", 32, cond=cond)
     threshold = bundle.threshold.value if bundle.threshold is not None else None
     truth = ["lesion" if m is not None and m.any() else "healthy" for m in (masks if masks is not None
                                                                             else [None] * len(images))]

@@ -304,12 +304,14 @@ def run_model(
     batch_size: int = 64,
     with_kl: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    cond: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reconstruct ``images [N, S, S]`` in batches: ``(recons [N, S, S], kl [N] or None)``.
 
-    Uses ``model.reconstruct(x[B,1,S,S])`` and, when ``with_kl`` and the model
-    has it, ``model.kl_per_sample(x) -> [B]``. The model is put in eval mode for
-    the call and its previous mode restored.
+    Uses ``model.reconstruct(x[B,1,S,S], cond)`` and, when ``with_kl`` and the model
+    has it, ``model.kl_per_sample(x, cond) -> [B]``. ``cond``: each image's label
+    index, for a conditional model (the others ignore it). The model is put in eval
+    mode for the call and its previous mode restored.
     """
     import torch
 
@@ -325,10 +327,12 @@ def run_model(
         with torch.no_grad():
             for s in range(0, n, max(1, int(batch_size))):
                 xb = torch.from_numpy(np.ascontiguousarray(x_all[s : s + batch_size]))[:, None].to(device)
-                rb = model.reconstruct(xb)
+                cb = None if cond is None else torch.as_tensor(np.asarray(cond)[s : s + batch_size]).to(device)
+                rb = model.reconstruct(xb) if cb is None else model.reconstruct(xb, cb)
                 recons[s : s + len(xb)] = rb.detach().float().cpu().numpy().reshape(len(xb), *x_all.shape[1:])
                 if kl_fn is not None:
-                    kl[s : s + len(xb)] = kl_fn(xb).detach().double().cpu().numpy().reshape(-1)
+                    kl_b = kl_fn(xb) if cb is None else kl_fn(xb, cb)
+                    kl[s : s + len(xb)] = kl_b.detach().double().cpu().numpy().reshape(-1)
                 if progress is not None:
                     progress(min(s + len(xb), n), n)
     finally:
@@ -345,6 +349,7 @@ def anomaly_maps(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
     fg_masks: np.ndarray | None = None,
+    cond: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly maps ``[N, S, S]`` (float32) and image scores ``[N]`` for a trained model.
 
@@ -353,7 +358,7 @@ def anomaly_maps(
     ``cfg.vae_score`` needs it and the model has ``kl_per_sample``; for other
     models ``vae_score`` is ignored. ``fg_masks`` defaults to `foreground_mask`.
     """
-    _, maps, scores = reconstruct_and_score(model, images, cfg, device, batch_size, progress, fg_masks)
+    _, maps, scores = reconstruct_and_score(model, images, cfg, device, batch_size, progress, fg_masks, cond)
     return maps, scores
 
 
@@ -365,12 +370,13 @@ def reconstruct_and_score(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
     fg_masks: np.ndarray | None = None,
+    cond: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`anomaly_maps` with the reconstructions it scored: ``(recons, maps, scores)``, one model pass."""
     need_kl = cfg.vae_score in ("elbo", "kl")
     if need_kl and not hasattr(model, "kl_per_sample"):
         log.info("scoring.vae_score=%s applies to VAEs only; this model is scored on reconstruction", cfg.vae_score)
-    recons, kl = run_model(model, images, device, batch_size, with_kl=need_kl, progress=progress)
+    recons, kl = run_model(model, images, device, batch_size, with_kl=need_kl, progress=progress, cond=cond)
     return (recons, *score_reconstructions(images, recons, cfg, kl=kl, fg_masks=fg_masks))
 
 

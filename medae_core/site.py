@@ -52,6 +52,9 @@ class SiteData:
     test: Scan | None
     skipped: int  # files the loader could not use (reasons stay on site)
     inputs: dict = field(default_factory=dict)  # `Scan.input_kinds` of the training images
+    # each image's contrast index (`Scan.contrast_index`), a CVAE's labels; None when all are read
+    train_cond: np.ndarray | None = None
+    val_cond: np.ndarray | None = None
 
     @property
     def n_train_patients(self) -> int:
@@ -84,6 +87,8 @@ def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: 
         test=site.test,
         skipped=skipped,
         inputs=scan.input_kinds(),
+        train_cond=None if scan.contrast_index is None else scan.contrast_index[train_idx],
+        val_cond=None if scan.contrast_index is None else scan.contrast_index[val_idx],
     )
 
 
@@ -227,6 +232,7 @@ class SiteTrainer:
             seed=cfg.train.seed + 1000 * server_round,
             dp_seed=reproducible_noise_seed(cfg, self.data.name, server_round) if cfg.privacy.reproducible_noise
             else None,
+            cond=self.data.train_cond if model.conditional else None,
         )
         return RoundResult(
             state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -257,8 +263,9 @@ class SiteTrainer:
         self, state_dict: dict[str, torch.Tensor], threshold: float | None = None, with_test: bool = True
     ) -> EvalResult:
         model = self.model(state_dict)
-        val_loss = evaluate_loss(model, self.data.val_images, self.device, self.cfg.train.batch_size)
-        _, healthy = scoring.anomaly_maps(model, self.data.val_images, self.cfg.scoring, self.device)
+        cond = self.data.val_cond if model.conditional else None
+        val_loss = evaluate_loss(model, self.data.val_images, self.device, self.cfg.train.batch_size, cond=cond)
+        _, healthy = scoring.anomaly_maps(model, self.data.val_images, self.cfg.scoring, self.device, cond=cond)
         result = EvalResult(val_loss=float(val_loss), num_val=len(self.data.val_images), healthy_scores=healthy)
         test = LabelledSet.of(self.data.test) if with_test else None
         if test is not None:

@@ -35,7 +35,8 @@ PROVENANCE_KEY = "pretrained"
 BUILTIN = "builtin"
 SHIPPED_DIR = Path(__file__).parent / "pretrained"
 # Model and preprocessing settings that must match between a start and a run.
-_ARCH_KEYS = ("kind", "image_size", "in_channels", "channels", "latent_dim", "groups")
+_ARCH_KEYS = ("kind", "image_size", "in_channels", "channels", "latent_dim", "groups", "labels",
+              "local_latent_channels")
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -70,7 +71,7 @@ def check_compatible(start: RunConfig, cfg: RunConfig, init: str) -> None:
     if diff:
         raise ConfigError(
             f"train.init = {init!r} is a {have['kind']} model at {have['image_size']} px "
-            f"({', '.join(f'{k}={have[k]}' for k in diff)}), but this run trains "
+            f"({', '.join(f'{k}={have.get(k)}' for k in diff)}), but this run trains "
             f"{', '.join(f'{k}={want[k]}' for k in diff)}; pretrain that model with `medae pretrain`, "
             "or set train.init = \"none\""
         )
@@ -97,13 +98,16 @@ def builtin_location(cfg: RunConfig) -> Path:
 
     name = f"{cfg.model.kind}-{cfg.model.image_size}"
     shipped = SHIPPED_DIR / name
-    if (shipped / "bundle.json").is_file() and not _architecture_diff(
+    if (shipped / "bundle.json").is_file() and not cfg.data.contrasts and not _architecture_diff(
             json.loads((shipped / "bundle.json").read_text())["config"]["model"], cfg.to_dict()["model"]):
-        return shipped
-    key = hashlib.sha256(json.dumps(cfg.to_dict()["model"], sort_keys=True).encode()).hexdigest()[:12]
+        return shipped  # the shipped models saw T1 images of every kind
+    # The contrasts a run reads are the public images its start must see (a FLAIR-only VAE: FLAIR).
+    what = cfg.to_dict()["model"] | ({"contrasts": list(cfg.data.contrasts)} if cfg.data.contrasts else {})
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     return medae_home() / "pretrained" / f"{name}-{key}"
 
 
 def _architecture_diff(have: dict, want: dict) -> list[str]:
-    """The architecture keys in which two [model] tables differ."""
-    return [k for k in _ARCH_KEYS if have[k] != want[k]]
+    """The architecture keys in which two [model] tables differ (a key a bundle predates has its default)."""
+    defaults = RunConfig().to_dict()["model"]
+    return [k for k in _ARCH_KEYS if have.get(k, defaults[k]) != want.get(k, defaults[k])]

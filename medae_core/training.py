@@ -67,7 +67,8 @@ from medae_core.devices import resolve_device, reuse_freed_memory, torch_threads
 from medae_core.dp_step import Stepper, opacus_mechanism, resolve_grad_sample_mode
 from medae_core.errors import ConfigError, DataError, MedaeError
 from medae_core.models import AnomalyModel, set_trainable
-from medae_core.units import TrainingPlan, as_nchw, augment_views, make_unit_dataset, mix_seed, unit_batches
+from medae_core.units import (TrainingPlan, as_cond, as_nchw, augment_views, make_unit_dataset, mix_seed,
+                              unit_batches)
 
 __all__ = ["TrainResult", "evaluate_loss", "train"]
 
@@ -126,6 +127,7 @@ def train(
     proximal_mu: float = 0.0,
     seed: int | None = None,
     dp_seed: int | None = None,
+    cond: np.ndarray | Tensor | None = None,
 ) -> TrainResult:
     """Train `model` in place for exactly ``plan.steps`` optimizer steps.
 
@@ -138,12 +140,15 @@ def train(
     noise. ``seed`` (default ``train.seed``; the ClientApp passes one per round)
     drives the slice choice per patient, the non-DP shuffling, VAE sampling and
     DAE corruption. ``dp_seed`` fixes the Poisson sampler and the noise (tests
-    only; default: fresh OS entropy).
+    only; default: fresh OS entropy). ``cond``: a conditional model's label index
+    per image (required for one, refused for the others).
     """
+    if (cond is not None) != model.conditional:
+        raise DataError(f"a {model.kind} model {'needs' if model.conditional else 'takes no'} image labels (cond)")
     device = resolve_device(cfg.train.device) if device is None else torch.device(device)
     dataset = make_unit_dataset(
         images, patient_index, cfg.privacy, seed=cfg.train.seed if seed is None else int(seed),
-        slices_per_patient=cfg.train.slices_per_patient,
+        slices_per_patient=cfg.train.slices_per_patient, cond=cond,
     )
     n_units = len(dataset)
     if n_units != plan.n_units:
@@ -229,10 +234,12 @@ def train(
                     stepper.fill_empty()
                     empty_steps += 1
                 else:
-                    x = dataset.batch(units, step)  # [len(units) * k, C, S, S]
+                    x, c = dataset.rows(units, step)  # [len(units) * k, C, S, S], labels [len(units) * k]
                     x = augment_views(x, multiplicity, aug_gen)  # [len(units) * k * m, C, S, S]
+                    if c is not None:
+                        c = c.repeat_interleave(multiplicity).to(device)
                     x_in = model.corrupt(x, model_gen)
-                    losses = stepper.compute_gradient(x_in, x, model_gen)
+                    losses = stepper.compute_gradient(x_in, x, model_gen, c)
                     epoch_loss_sums[epoch] += float(losses.sum())
                     epoch_counts[epoch] += len(x)
                     num_examples += len(x)
@@ -299,25 +306,28 @@ class _Ema:
             p.copy_(s)
 
 
-def _batched(images: np.ndarray | Tensor, batch_size: int) -> Iterator[Tensor]:
+def _batched(images: np.ndarray | Tensor, batch_size: int, cond=None) -> Iterator[tuple[Tensor, Tensor | None]]:
     t = as_nchw(images)
+    c = as_cond(cond, t.shape[0])
     for i in range(0, t.shape[0], batch_size):
-        yield t[i : i + batch_size]
+        yield t[i : i + batch_size], None if c is None else c[i : i + batch_size]
 
 
 @torch.no_grad()
 def evaluate_loss(
-    model: AnomalyModel, images: np.ndarray | Tensor, device: torch.device | str, batch_size: int = 64
+    model: AnomalyModel, images: np.ndarray | Tensor, device: torch.device | str, batch_size: int = 64,
+    cond: np.ndarray | Tensor | None = None,
 ) -> float:
-    """Mean per-sample loss (eval mode: no corruption, VAE uses the mean)."""
+    """Mean per-sample loss (eval mode: no corruption, VAE uses the mean); ``cond`` as in `train`."""
     device = torch.device(device)
     was_training = model.training
     model.to(device).eval()
     total, count = 0.0, 0
     try:
-        for x in _batched(images, batch_size):
+        for x, c in _batched(images, batch_size, cond):
             x = x.to(device)
-            total += float(model.per_sample_loss(x, model(x)).sum())
+            c = None if c is None else c.to(device)
+            total += float(model.per_sample_loss(x, model(x, cond=c)).sum())
             count += x.shape[0]
     finally:
         model.train(was_training)

@@ -32,13 +32,24 @@ def as_nchw(images: np.ndarray | Tensor) -> Tensor:
     return t
 
 
+def as_cond(cond: np.ndarray | Tensor | None, n: int) -> Tensor | None:
+    """A conditional model's label index per image, as a long tensor [n] (None stays None)."""
+    if cond is None:
+        return None
+    t = torch.as_tensor(np.asarray(cond), dtype=torch.long).reshape(-1)
+    if t.shape != (n,):
+        raise DataError(f"cond must have one label per image ({n}); got shape {tuple(t.shape)}")
+    return t
+
+
 class ImageDataset(Dataset):
     """Privacy unit "image": item i is slice i."""
 
     k = 1  # rows per unit in a batch
 
-    def __init__(self, images: np.ndarray | Tensor):
+    def __init__(self, images: np.ndarray | Tensor, cond: np.ndarray | Tensor | None = None):
         self.images = as_nchw(images)
+        self.cond = as_cond(cond, self.images.shape[0])
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -49,6 +60,10 @@ class ImageDataset(Dataset):
     def batch(self, units: Tensor, step: int = 0) -> Tensor:
         """The images of the given units, [len(units), C, S, S]."""
         return self.images[units.to(self.images.device)]
+
+    def rows(self, units: Tensor, step: int = 0) -> tuple[Tensor, Tensor | None]:
+        """`batch` and each row's label index (None without labels)."""
+        return self.batch(units, step), None if self.cond is None else self.cond[units.to(torch.long).cpu()]
 
 
 class PatientSliceDataset(Dataset):
@@ -63,11 +78,13 @@ class PatientSliceDataset(Dataset):
     when the patient has at least k slices and repeat evenly otherwise.
     """
 
-    def __init__(self, images: np.ndarray | Tensor, patient_index: np.ndarray, seed: int = 0, k: int = 1):
+    def __init__(self, images: np.ndarray | Tensor, patient_index: np.ndarray, seed: int = 0, k: int = 1,
+                 cond: np.ndarray | Tensor | None = None):
         if int(k) < 1:
             raise ConfigError(f"train.slices_per_patient must be at least 1; got {k}")
         self.k = int(k)
         self.images = as_nchw(images)
+        self.cond = as_cond(cond, self.images.shape[0])
         patient_index = np.asarray(patient_index)
         if patient_index.shape != (self.images.shape[0],):
             raise DataError(
@@ -113,6 +130,11 @@ class PatientSliceDataset(Dataset):
     def batch(self, units: Tensor, step: int) -> Tensor:
         return self.images[self.slice_ids(units, step).to(self.images.device)]
 
+    def rows(self, units: Tensor, step: int) -> tuple[Tensor, Tensor | None]:
+        """`batch` and each row's label index (None without labels), from one slice draw."""
+        ids = self.slice_ids(units, step)
+        return self.images[ids.to(self.images.device)], None if self.cond is None else self.cond[ids]
+
 
 def mix_seed(seed: int, step: int) -> int:
     """A 63-bit seed from (seed, step), stable across runs and platforms."""
@@ -121,15 +143,15 @@ def mix_seed(seed: int, step: int) -> int:
 
 def make_unit_dataset(
     images: np.ndarray | Tensor, patient_index: np.ndarray | None, privacy: PrivacyConfig, seed: int = 0,
-    slices_per_patient: int = 1,
+    slices_per_patient: int = 1, cond: np.ndarray | Tensor | None = None,
 ) -> ImageDataset | PatientSliceDataset:
-    """The dataset whose items are privacy units (see module docstring)."""
+    """The dataset whose items are privacy units (see module docstring); ``cond``: label index per image."""
     if privacy.unit == "patient":
         if patient_index is None:
             raise DataError("privacy.unit is 'patient' but no patient_index was given")
-        return PatientSliceDataset(images, patient_index, seed=seed, k=slices_per_patient)
+        return PatientSliceDataset(images, patient_index, seed=seed, k=slices_per_patient, cond=cond)
     if privacy.unit == "image":
-        return ImageDataset(images)
+        return ImageDataset(images, cond=cond)
     raise ConfigError(f"privacy.unit must be 'patient' or 'image'; got {privacy.unit!r}")
 
 

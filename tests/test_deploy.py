@@ -69,6 +69,17 @@ def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def _processes_after_exit(home: Path, grace_s: float = 10.0) -> list[str]:
+    """`_processes_of` once Python's multiprocessing resource tracker, which leaves when its parent has
+    exited (on the end of its pipe), has had ``grace_s`` to do so; anything else is reported at once."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = _processes_of(home)
+        if not any("multiprocessing.resource_tracker" in p for p in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def _processes_of(home: Path) -> list[str]:
     """Every live process (any depth, any session) started under the MEDAE_HOME ``home`` or below it."""
     found = []
@@ -191,7 +202,7 @@ def deployment(tmp_path_factory):
             result[f"{name}_rc"] = procs[name].wait(timeout=120)
         result["first_rc"] = procs["server"].wait(timeout=RUN_TIMEOUT_S)
         # medae server stopped its SuperLink, SuperExec and ServerApp processes itself.
-        result["server_processes_after_exit"] = _processes_of(root / "home" / "server")
+        result["server_processes_after_exit"] = _processes_after_exit(root / "home" / "server")
         result["after_first"] = json.loads((run_dir / "metrics.json").read_text())
         # The coordinator restarts the server with the same run folder and one more round: it resumes,
         # and the sites' clients, still running, join the new SuperLink by themselves.

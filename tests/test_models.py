@@ -21,8 +21,17 @@ torch.set_num_threads(1)
 SMALL = dict(channels=(8, 16, 16), latent_dim=8, groups=4)
 
 
+LABELS = ("t1", "t2", "flair")
+
+
 def small(kind: str, size: int = 64, **kw) -> ModelConfig:
-    return ModelConfig(kind=kind, image_size=size, **(SMALL | kw))
+    labels = {"labels": LABELS} if kind == "cvae" else {}
+    return ModelConfig(kind=kind, image_size=size, **(SMALL | labels | kw))
+
+
+def cond_for(kind: str, n: int):
+    """A conditional model's label per image (None for the others)."""
+    return torch.arange(n) % len(LABELS) if kind == "cvae" else None
 
 
 def weights_equal(a: nn.Module, b: nn.Module) -> bool:
@@ -36,16 +45,17 @@ def test_every_kind_and_size_builds_with_matching_output_shapes(kind, size):
     model = build_model(small(kind, size))
     assert isinstance(model, AnomalyModel) and model.kind == kind
     x = torch.rand(3, 1, size, size)
-    out = model(x, torch.Generator().manual_seed(0))
+    c = cond_for(kind, 3)
+    out = model(x, torch.Generator().manual_seed(0), cond=c)
     assert out.recon.shape == x.shape
     assert out.code.shape == (3, 8)
     assert float(out.recon.detach().min()) >= 0.0 and float(out.recon.detach().max()) <= 1.0
     assert model.per_sample_loss(x, out).shape == (3,)
-    assert model.reconstruct(x).shape == x.shape
-    z = model.encode(x)
+    assert model.reconstruct(x, c).shape == x.shape
+    z = model.encode(x, c)
     assert z.shape == (3, 8)
-    assert model.decode(z).shape == x.shape
-    if kind == "vae":
+    assert model.decode(z, c).shape == x.shape
+    if kind in ("vae", "cvae", "hvae"):
         assert out.mu.shape == out.logvar.shape == (3, 8)
     else:
         assert out.mu is None and out.logvar is None
@@ -61,7 +71,7 @@ def test_256_pixels_and_several_input_channels():
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("size", [64, 128, 256])
 def test_default_architecture_passes_the_opacus_validator(kind, size):
-    model = build_model(ModelConfig(kind=kind, image_size=size))
+    model = build_model(ModelConfig(kind=kind, image_size=size, labels=LABELS if kind == "cvae" else ()))
     assert ModuleValidator.validate(model, strict=False) == []
     banned = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ConvTranspose2d, nn.InstanceNorm2d)
     assert not any(isinstance(m, banned) for m in model.modules())
@@ -174,3 +184,47 @@ def test_subpixel_conv_starts_as_nearest_upsampling_icnr():
     x = torch.rand(1, sub.conv.in_channels, 6, 6)
     y = sub(x)
     assert torch.allclose(y, Upsample2x()(y[:, :, ::2, ::2]))
+
+
+@pytest.mark.parametrize("kind", ["cvae", "hvae"])
+def test_the_new_vaes_are_deterministic_for_a_seed_and_sample_from_their_priors(kind):
+    a, b, other = build_model(small(kind), seed=3), build_model(small(kind), seed=3), build_model(small(kind), seed=4)
+    assert weights_equal(a, b) and not weights_equal(a, other)
+    c = cond_for(kind, 4)
+    s1 = a.sample(4, torch.Generator().manual_seed(1), cond=c)
+    s2 = b.sample(4, torch.Generator().manual_seed(1), cond=c)
+    assert s1.shape == (4, 1, 64, 64) and torch.equal(s1, s2)
+
+
+def test_a_cvae_translates_by_decoding_its_code_with_another_label():
+    model = build_model(small("cvae"), seed=0).eval()
+    with torch.no_grad():
+        for film in model.film:  # trained FiLM layers are not zero; the label must change the image
+            film.weight.normal_(0.0, 0.5)
+    x = torch.rand(2, 1, 64, 64)
+    t1, t2 = torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    same = model.translate(x, t1, t1)
+    assert torch.allclose(same, model.reconstruct(x, t1))
+    assert not torch.allclose(model.translate(x, t1, t2), same, atol=1e-4)
+    with pytest.raises(ConfigError, match="label"):
+        model.reconstruct(x)  # no labels
+    with pytest.raises(ConfigError, match=r"\[0, 3\)"):
+        model.reconstruct(x, torch.tensor([0, 3]))
+
+
+def test_a_cvae_needs_labels_and_an_hvae_three_stages():
+    with pytest.raises(ConfigError, match="at least two model.labels"):
+        ModelConfig(kind="cvae")
+    with pytest.raises(ConfigError, match="takes no labels"):
+        ModelConfig(kind="vae", labels=("t1", "t2"))
+    with pytest.raises(ConfigError, match="at least 3 stride-2 stages"):
+        build_model(ModelConfig(kind="hvae", channels=(8, 16), groups=4))
+
+
+def test_the_hvae_loss_counts_the_spatial_codes_kl():
+    model = build_model(small("hvae"), seed=0).train()
+    x = torch.rand(2, 1, 64, 64)
+    out = model(x, torch.Generator().manual_seed(0))
+    assert out.kl.shape == (2,) and bool((out.kl >= 0).all())
+    flat = VariationalAutoEncoder.per_sample_loss(model, x, out)
+    assert torch.allclose(model.per_sample_loss(x, out) - flat, model.cfg.beta * out.kl / x[0].numel())

@@ -387,3 +387,48 @@ def test_ema_returns_the_moving_average_of_the_iterates():
     with pytest.raises(ConfigError, match="ema_decay"):
         train(build_model(cfg.model, seed=0), images, None, plan, cfg.with_overrides({"train.ema_decay": 1.5}),
               noise_multiplier=None)
+
+
+@pytest.mark.parametrize("kind", ["cvae", "hvae"])
+@pytest.mark.parametrize("mode", ["auto", "hooks"])
+def test_conditional_and_hierarchical_vaes_train_on_per_sample_clipped_gradients(kind, mode):
+    """Issue 14: the new models' DP gradient is the clipped per-sample mean, the label included."""
+    torch.manual_seed(0)
+    labels = ("t1", "t2", "flair") if kind == "cvae" else ()
+    model = build_model(ModelConfig(kind=kind, channels=(8, 16, 16), latent_dim=8, groups=4, labels=labels),
+                        seed=1).double()
+    if kind == "cvae":  # FiLM starts at zero; make the label matter from the first step
+        with torch.no_grad():
+            for film in model.film:
+                film.weight.normal_(0.0, 0.3)
+    x = torch.rand(6, 1, 64, 64, dtype=torch.float64)
+    cond = torch.tensor([0, 1, 2, 2, 1, 0]) if kind == "cvae" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x, torch.Generator().manual_seed(5), cond=cond)
+    losses = model.per_sample_loss(x, out)
+    grads = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(6)]
+    norms = [float(torch.sqrt(sum(g.pow(2).sum() for g in gs))) for gs in grads]
+    clip = float(np.median(norms))
+    ref = [sum(min(1.0, clip / (n + 1e-6)) * gs[j] for gs, n in zip(grads, norms)) / 6 for j in range(len(params))]
+    got = privatized_gradient(model, x, grad_sample_mode=mode, max_grad_norm=clip, noise_multiplier=0.0,
+                              generator=torch.Generator().manual_seed(5), cond=cond)
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r, rtol=1e-6, atol=1e-9 * float(r.abs().max()) + 1e-12)
+    if kind == "cvae":  # the label reaches the weights: other labels, another gradient
+        other = privatized_gradient(model, x, grad_sample_mode=mode, max_grad_norm=clip, noise_multiplier=0.0,
+                                    generator=torch.Generator().manual_seed(5), cond=(cond + 1) % 3)
+        assert not all(torch.allclose(a, b) for a, b in zip(got, other))
+    assert no_opacus_traces(model)
+
+
+def test_a_conditional_model_needs_labels_and_the_others_refuse_them():
+    cfg = run_cfg(epochs=1)
+    images, patients = synthetic()
+    plan = plan_training(len(np.unique(patients)), cfg.train)
+    cvae = build_model(ModelConfig(kind="cvae", channels=(8, 16), latent_dim=8, groups=4, labels=("t1", "t2")))
+    with pytest.raises(DataError, match="needs image labels"):
+        train(cvae, images, patients, plan, cfg, noise_multiplier=1.0)
+    with pytest.raises(DataError, match="takes no image labels"):
+        train(build_model(MODEL), images, patients, plan, cfg, noise_multiplier=1.0, cond=np.zeros(len(images)))
+    result = train(cvae, images, patients, plan, cfg, noise_multiplier=1.0, cond=np.arange(len(images)) % 2)
+    assert result.steps_taken == plan.steps

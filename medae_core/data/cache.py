@@ -32,7 +32,7 @@ import numpy as np
 
 from medae_core.config import DataConfig
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: slices carry their SeriesDescription and position
 CACHE_ENV = "MEDAE_CACHE_DIR"
 
 

@@ -22,6 +22,7 @@ import csv
 import logging
 import multiprocessing
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -54,6 +55,8 @@ class ImageEntry:
     format: str = ""  # "dicom", "nifti" or "raster"
     modality: str = ""  # DICOM Modality; "" for other formats
     photometric: str = ""  # DICOM PhotometricInterpretation; "" for other formats
+    contrast: str = ""  # one of data.contrasts (see `contrast_of`); "" when the run reads every image
+    position: float | None = None  # DICOM slice position along its normal (mm), for pairing series
 
 
 @dataclass
@@ -71,6 +74,9 @@ class Scan:
     labels: np.ndarray | None  # int8 [N]: 1 anomalous, 0 healthy, -1 unknown; None without labels.csv
     masks: np.ndarray | None  # bool [N, S, S]; all-False where no mask given; None if no mask at all
     has_mask: np.ndarray | None  # bool [N]
+    # int64 [N]: each image's contrast as its position in data.contrasts (a CVAE's label
+    # index); None when the run reads every image (data.contrasts empty)
+    contrast_index: np.ndarray | None = None
 
     @property
     def patients(self) -> list[str]:
@@ -283,7 +289,8 @@ def _to_cache(result: _FileRead, size: int) -> tuple[np.ndarray, dict]:
     images = np.stack([s.image for s in result.slices]) if result.slices else np.zeros((0, size, size), np.float32)
     meta = {"reason": result.reason, "format": result.format, "shapes": [list(x) for x in result.shapes],
             "slices": [{"frame": s.frame, "patient": s.patient, "modality": s.modality,
-                        "photometric": s.photometric} for s in result.slices]}
+                        "photometric": s.photometric, "series": s.series, "position": s.position}
+                       for s in result.slices]}
     return images, meta
 
 
@@ -372,10 +379,18 @@ class _ScanBuilder:
         if read.reason is not None:
             self.skipped.append(Skipped(rel, f"{IN_LABELS}: {read.reason}" if row else read.reason))
             return
+        contrast = ""
+        if self.data.contrasts:
+            try:
+                contrast = contrast_of(read.slices[0].series, rel, self.data)
+            except UnusableFile as exc:
+                self.skipped.append(Skipped(rel, f"{IN_LABELS}: {exc.reason}" if row else exc.reason))
+                return
         masks = self._masks_for(row, read) if row and row.mask else None
         for i, s in enumerate(read.slices):
             self.images.append(s.image)
-            self.entries.append(ImageEntry(rel, s.frame, s.patient, read.format, s.modality, s.photometric))
+            self.entries.append(ImageEntry(rel, s.frame, s.patient, read.format, s.modality, s.photometric,
+                                           contrast, s.position))
             self.label_values.append(row.label if row else -1)
             self.masks.append(to_square(masks[i], self.size) if masks else None)
 
@@ -415,7 +430,38 @@ class _ScanBuilder:
             has_mask = np.array([m is not None for m in self.masks], dtype=bool)
             masks = np.stack([m if m is not None else np.zeros((s, s), bool) for m in self.masks])
         skipped = sorted(listing_skips + self.skipped, key=lambda k: k.path)
-        return Scan(self.root, images, self.entries, skipped, labels, masks, has_mask)
+        contrast_index = None
+        if self.data.contrasts:
+            position = {c: i for i, c in enumerate(self.data.contrasts)}
+            contrast_index = np.array([position[e.contrast] for e in self.entries], dtype=np.int64)
+        return Scan(self.root, images, self.entries, skipped, labels, masks, has_mask, contrast_index)
+
+
+def contrast_of(series: str, rel: str, data: DataConfig) -> str:
+    """The image's contrast, one of ``data.contrasts``; `UnusableFile` when it has another or none.
+
+    The first that applies: a ``data.contrast_map`` entry ``"TEXT=label"`` whose TEXT is in
+    the DICOM SeriesDescription (case-insensitive); a label that is a word of the
+    SeriesDescription ("AX T2 FSE" is t2; of several, the longest: "AX T2 FLAIR" is flair);
+    a label that names one of the file's folders (``P001/flair/001.dcm`` is flair).
+    """
+    wanted = data.contrasts
+    text = series.lower()
+    words = set(re.split(r"[^a-z0-9]+", text))
+    found = next((label.strip() for entry in data.contrast_map
+                  for pattern, _, label in [entry.rpartition("=")] if pattern.strip().lower() in text), None)
+    if found is None:  # of several, the longest is the most specific: "AX T2 FLAIR" is FLAIR
+        found = max((c for c in wanted if c in words), key=len, default=None)
+    if found is None:
+        folders = [part.lower() for part in PurePosixPath(rel).parts[:-1]]
+        found = next((c for c in wanted if c in folders), None)
+    if found is None:
+        shown = f"SeriesDescription {series!r}" if series else "no SeriesDescription"
+        raise UnusableFile(f"no contrast label: {shown} and its folders name none of {', '.join(wanted)} "
+                           "(map it with data.contrast_map)")
+    if found not in wanted:
+        raise UnusableFile(f"contrast {found} is not read by this run (data.contrasts = {', '.join(wanted)})")
+    return found
 
 
 def read_checked(path: Path, rel: str, data: DataConfig) -> list[Slice]:

@@ -107,6 +107,8 @@ class Slice:
     patient: str
     modality: str = ""  # DICOM Modality (MR, CT, ...); "" for other formats
     photometric: str = ""  # DICOM PhotometricInterpretation; "" for other formats
+    series: str = ""  # DICOM SeriesDescription (where a contrast label is read); "" for other formats
+    position: float | None = None  # DICOM: slice position along the slice normal (mm); else None
 
 
 # -- dispatch -----------------------------------------------------------------
@@ -262,8 +264,9 @@ def _read_dicom(path: Path, rel: str, data: DataConfig) -> list[Slice]:
     multi = len(images) > 1
     patient = _dicom_patient(ds, rel)
     modality, photometric = str(ds.get("Modality", "") or ""), str(ds.get("PhotometricInterpretation", "") or "")
+    series, position = str(ds.get("SeriesDescription", "") or "").strip(), _slice_position(ds)
     slices = [
-        Slice(img, i if multi else None, patient, modality, photometric)
+        Slice(img, i if multi else None, patient, modality, photometric, series, position if not multi else None)
         for i, (img, raw) in enumerate(zip(images, frames))
         if raw.max() > raw.min()
     ]
@@ -397,6 +400,20 @@ def _file_voi(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
         log.debug("ignoring the file's VOI (%s); using percentiles", _one_line(exc))
         return None
     return np.clip((out - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _slice_position(ds: Dataset) -> float | None:
+    """ImagePositionPatient along the slice normal (mm), the key that pairs slices across series."""
+    try:
+        orientation = [float(v) for v in ds.ImageOrientationPatient]
+        origin = [float(v) for v in ds.ImagePositionPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(orientation) != 6 or len(origin) != 3:
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    value = float(np.dot(normal, origin))
+    return round(value, 3) if np.isfinite(value) else None
 
 
 def _dicom_patient(ds: Dataset, rel: str) -> str:
