@@ -67,6 +67,8 @@ def check_data_tables(report: dict):
                                                                   "files_skipped")))
     formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(report.get("by_format", {}).items())) or "none"
     summary.caption = f"layout: {report.get('layout', '')} · usable by format: {formats}"
+    if "by_contrast" in report:
+        summary.caption += " · by contrast: " + ", ".join(f"{c} {n}" for c, n in report["by_contrast"].items())
     if not report["skipped"]:
         return summary
     reasons = Table(title="skipped files")

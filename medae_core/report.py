@@ -130,11 +130,8 @@ def reference_figures(bundle, reference) -> list[str]:
     images, masks = reference
     model = bundle.build_model()
     cond = None
-    if model.conditional:  # the reference slices are T1
-        labels = bundle.config.model.labels
-        if "t1" not in labels:
-            return []
-        cond = np.full(len(images), labels.index("t1"))
+    if model.conditional:  # the reference slices are of the model's first label
+        cond = np.full(len(images), bundle.config.model.labels.index(reference_contrast(bundle.config)))
     recons, maps, scores = scoring.reconstruct_and_score(model, images, bundle.config.scoring, "cpu", 32, cond=cond)
     threshold = bundle.threshold.value if bundle.threshold is not None else None
     truth = ["lesion" if m is not None and m.any() else "healthy" for m in (masks if masks is not None
@@ -347,20 +344,29 @@ def _spread_table(site_header: list[str], site_rows: list[list], metric_header: 
             + _table(["per site", "least", "25%", "median", "75%", "most", "sites"], rows) + beats)
 
 
+def reference_contrast(cfg) -> str:
+    """The contrast of the report's reference slices: the first the run reads, else T1."""
+    return cfg.data.contrasts[0] if cfg.data.contrasts else "t1"
+
+
 def reference_images(cfg, n: int = 6, seed: int = 12345):
     """Public reference slices (synthesised from the MNI152 template) for report figures.
 
     Returns (images, masks) at the run's image size and preprocessing: half of
-    them with lesions, half healthy.
+    them with lesions, half healthy; in the first contrast the run reads (T1 when it
+    reads every image; None when the benchmark has no such contrast).
     """
     import tempfile
 
-    from medae_core.benchmark import make_benchmark
+    from medae_core.benchmark import CONTRASTS, make_benchmark
     from medae_core.data import load_site
 
+    contrast = reference_contrast(cfg)
+    if contrast not in CONTRASTS:
+        return None
     with tempfile.TemporaryDirectory(prefix="medae-reference-") as tmp:
         root = Path(tmp) / "ref"
-        make_benchmark(root, sites=1, patients=3, seed=seed, slices_per_patient=10)
+        make_benchmark(root, sites=1, patients=3, seed=seed, slices_per_patient=10, contrasts=(contrast,))
         site = load_site(next(p for p in root.iterdir() if p.is_dir()), dataclasses.replace(cfg.data, cache=False),
                          cfg.model.image_size)  # synthetic slices: nothing to keep
     test = site.test

@@ -104,6 +104,17 @@ def test_the_contrast_is_read_from_dicom_then_the_map_then_the_folders(paired):
     assert any("no contrast label" in s.reason for s in flair.skipped)
 
 
+def test_check_data_counts_the_contrasts_it_reads(paired, tmp_path, capsys):
+    root, _ = paired
+    (tmp_path / "c.toml").write_text('[data]\ncontrasts = ["t2", "flair"]\n')
+    assert main(["check-data", str(root / "site-1"), "--config", str(tmp_path / "c.toml"), "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["by_contrast"] == {"flair": 12, "t2": 12}  # 4 patients x 3 slices each (train and test)
+    assert report["skipped_by_reason"]["no contrast label"] == 6  # the training patients' T1 series
+
+
 def test_a_cvae_reads_its_labels_and_the_config_says_what_is_wrong():
     cfg = RunConfig.from_dict({"model": {"kind": "cvae", "labels": list(LABELS)}})
     assert cfg.data.contrasts == LABELS and RunConfig.from_flat(cfg.to_flat()) == cfg
@@ -213,3 +224,15 @@ def test_a_cvae_encodes_with_each_images_label_and_decodes_with_it(paired, cvae_
 def npz_rows(codes):
     with np.load(codes / "codes.npz") as npz:
         return list(npz["path"])
+
+
+def test_the_reports_reference_slices_are_of_a_contrast_the_run_reads(cvae_bundle, tiny_cfg):
+    from medae_core.bundle import load_bundle
+    from medae_core.report import reference_figures, reference_images
+
+    flair_only = tiny_cfg.with_overrides({"data.contrasts": ["flair"]})
+    images, _ = reference_images(flair_only)  # a run that reads FLAIR alone gets FLAIR slices
+    assert len(images) == 6
+    bundle, cfg = cvae_bundle
+    figures = reference_figures(load_bundle(bundle), reference_images(cfg))
+    assert figures and all("<img" in f or "data:image/png" in f for f in figures)

@@ -617,6 +617,7 @@ def check_data(root: str | Path, data: DataConfig, image_size: int = 64, progres
         "usable_images": len(entries),
         "patients": len({p for scan in parts.values() for p in scan.patients}),
         "by_format": _by_format(entries),
+        **({"by_contrast": dict(sorted(Counter(e.contrast for e in entries).items()))} if data.contrasts else {}),
         "skipped_by_reason": count_reasons(Skipped(**s) for s in skipped),
         "skipped": skipped,
         "parts": {name: _part_summary(scan) for name, scan in parts.items()},
