@@ -19,8 +19,8 @@ It then judges, on every site's test patients:
   and of the flat FLAIR VAE, next to the intensity threshold on the same slices.
 
 ``resolution`` trains a flat VAE and a hierarchical VAE (`model.kind = "hvae"`) with
-`medae train-local --no-dp` on site-1 of the built-in (T1) benchmark at 128 and 256 px, each
-in its own process, and reports reconstruction SSIM of healthy test slices, image AUROC and
+`medae train-local --no-dp` on site-1 of the built-in (T1) benchmark at 128 and 256 px and at
+each KL weight ``--betas`` (`model.beta`), each in its own process, and reports reconstruction SSIM of healthy test slices, image AUROC and
 best Dice, seconds per epoch, the process's peak RSS, and DP training throughput (one DP epoch,
 book-keeping clipping) with its peak RSS.
 
@@ -94,7 +94,8 @@ def paired_slices(site: Path, part: str, data_cfg) -> dict[str, np.ndarray]:
     """Each contrast's slices of ``site/part``, row i of every array the same patient and position."""
     from medae_core.data import scan_folder
 
-    scan = scan_folder(site / part, data_cfg, 64)
+    labels_csv = site / part / "labels.csv"
+    scan = scan_folder(site / part, data_cfg, 64, labels_csv=labels_csv if labels_csv.is_file() else None)
     keys = {}
     for i, e in enumerate(scan.entries):
         keys.setdefault((e.patient, e.position), {})[e.contrast] = i
@@ -222,7 +223,7 @@ def translation(out: Path) -> dict:
 
 
 # -- resolution ---------------------------------------------------------------------------
-def one_resolution(kind: str, size: int, data: Path, out: Path, epochs: int) -> dict:
+def one_resolution(kind: str, size: int, data: Path, out: Path, epochs: int, beta: float) -> dict:
     """Train (no DP) and judge one model in this process; then one DP epoch for its throughput."""
     from medae_core.bundle import load_bundle
     from medae_core.config import RunConfig
@@ -232,8 +233,9 @@ def one_resolution(kind: str, size: int, data: Path, out: Path, epochs: int) -> 
     from medae_core.scoring import run_model
 
     cfg = RunConfig().with_overrides({"model.kind": kind, "model.image_size": size, "train.epochs": epochs,
-                                      "train.init": "none", "privacy.enabled": False, "train.lr": 1e-3})
-    run = out / f"{kind}-{size}"
+                                      "train.init": "none", "privacy.enabled": False, "train.lr": 1e-3,
+                                      "model.beta": beta})
+    run = out / f"{kind}-{size}-b{beta:g}"
     start = time.perf_counter()
     summary = train_local(data, run, cfg)
     wall = time.perf_counter() - start
@@ -247,8 +249,8 @@ def one_resolution(kind: str, size: int, data: Path, out: Path, epochs: int) -> 
     _, ssim = psnr_ssim(healthy, recons)
     got = evaluate_model(model, test, cfg, "cpu", None)
     dp_cfg = cfg.with_overrides({"privacy.enabled": True, "train.epochs": 1})
-    dp = train_local(data, out / f"{kind}-{size}-dp", dp_cfg, ledger_path=out / f"{kind}-{size}-dp.ledger")
-    return {"kind": kind, "size": size, "epochs": epochs, "recon_ssim_healthy": ssim,
+    dp = train_local(data, Path(f"{run}-dp"), dp_cfg, ledger_path=Path(f"{run}-dp.ledger"))
+    return {"kind": kind, "size": size, "epochs": epochs, "beta": beta, "recon_ssim_healthy": ssim,
             "image_auroc": round(got["image_auroc"], 3), "best_dice": round(got.get("dice_best") or float("nan"), 3),
             "seconds_per_epoch": round(summary["seconds"] / epochs, 1), "wall_seconds": round(wall, 1),
             "nondp_images_per_second": round(summary["images_per_second"], 1),
@@ -257,7 +259,7 @@ def one_resolution(kind: str, size: int, data: Path, out: Path, epochs: int) -> 
             "peak_rss_train_mib": round(rss_train), "parameters": summary.get("trained_parameters")}
 
 
-def resolution(out: Path, patients: int, epochs: int) -> dict:
+def resolution(out: Path, patients: int, epochs: int, betas: list[float]) -> dict:
     from medae_core.benchmark import make_benchmark
 
     out.mkdir(parents=True, exist_ok=True)
@@ -265,21 +267,24 @@ def resolution(out: Path, patients: int, epochs: int) -> dict:
     if not (data / "benchmark.json").exists():
         make_benchmark(data, sites=1, patients=patients, test_patients=10, seed=0)
     rows = []
-    for size in (128, 256):
-        for kind in ("vae", "hvae"):
-            part = out / f"{kind}-{size}.json"
-            if not part.exists():
-                subprocess.run([sys.executable, __file__, "one", "--kind", kind, "--size", str(size), "--epochs",
-                                str(epochs), "--data", str(data / "site-1"), "--out", str(out)], check=True)
-            rows.append(json.loads(part.read_text()))
-            print(rows[-1], flush=True)
+    for beta in betas:
+        for size in (128, 256):
+            for kind in ("vae", "hvae"):
+                part = out / f"{kind}-{size}-b{beta:g}.json"
+                if not part.exists():
+                    subprocess.run([sys.executable, __file__, "one", "--kind", kind, "--size", str(size), "--epochs",
+                                    str(epochs), "--beta", str(beta), "--data", str(data / "site-1"),
+                                    "--out", str(out)], check=True)
+                rows.append(json.loads(part.read_text()))
+                print(rows[-1], flush=True)
     result = {"machine": machine(), "patients": patients, "command":
-              f"python benchmarks/multicontrast.py resolution --out {out} --patients {patients} --epochs {epochs}",
-              "rows": rows}
+              f"python benchmarks/multicontrast.py resolution --out {out} --patients {patients} --epochs {epochs} "
+              f"--betas {','.join(f'{b:g}' for b in betas)}", "rows": rows}
     (out / "resolution.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = ["| px | model | recon SSIM (healthy) | image AUROC | best Dice | s / epoch | DP img/s | non-DP img/s "
-          "| peak RSS MiB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {r['size']} | {'hierarchical VAE' if r['kind'] == 'hvae' else 'flat VAE'} | {r['recon_ssim_healthy']:.3f} "
+    md = ["| β | px | model | recon SSIM (healthy) | image AUROC | best Dice | s / epoch | DP img/s | non-DP img/s "
+          "| peak RSS MiB |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['beta']:g} | {r['size']} | {'hierarchical VAE' if r['kind'] == 'hvae' else 'flat VAE'} "
+           f"| {r['recon_ssim_healthy']:.3f} "
            f"| {r['image_auroc']:.3f} | {r['best_dice']:.3f} | {r['seconds_per_epoch']} | {r['dp_images_per_second']} "
            f"| {r['nondp_images_per_second']} | {r['peak_rss_mib']} |" for r in rows]
     (out / "resolution.md").write_text("\n".join(md) + "\n")
@@ -295,9 +300,11 @@ def main() -> None:
     p = sub.add_parser("resolution")
     p.add_argument("--out", type=Path, default=Path("runs/resolution"))
     p.add_argument("--patients", type=int, default=60)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--betas", default="1,0.05", help="model.beta values (the KL weight) to compare at")
     p = sub.add_parser("one")  # one resolution row, in its own process (for its peak memory)
     p.add_argument("--kind")
+    p.add_argument("--beta", type=float)
     p.add_argument("--size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--data", type=Path)
@@ -306,10 +313,10 @@ def main() -> None:
     if args.part == "translation":
         translation(args.out)
     elif args.part == "resolution":
-        resolution(args.out, args.patients, args.epochs)
+        resolution(args.out, args.patients, args.epochs, [float(b) for b in args.betas.split(",")])
     else:
-        row = one_resolution(args.kind, args.size, args.data, args.out, args.epochs)
-        (args.out / f"{args.kind}-{args.size}.json").write_text(json.dumps(row, indent=2) + "\n")
+        row = one_resolution(args.kind, args.size, args.data, args.out, args.epochs, args.beta)
+        (args.out / f"{args.kind}-{args.size}-b{args.beta:g}.json").write_text(json.dumps(row, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -514,3 +514,11 @@ def test_scanning_never_writes_into_the_data_folder(tmp_path):
     finally:
         for path in [site, *site.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_a_relative_folder_and_labels_file_are_read_like_absolute_ones(tiny_benchmark, monkeypatch):
+    site = tiny_benchmark / "site-1"
+    absolute = scan_folder(site / "test", DataConfig(), 64, labels_csv=site / "test" / "labels.csv")
+    monkeypatch.chdir(site)
+    relative = scan_folder(Path("test"), DataConfig(), 64, labels_csv=Path("test/labels.csv"))
+    assert np.array_equal(relative.labels, absolute.labels) and len(relative.entries) == len(absolute.entries)

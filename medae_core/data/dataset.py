@@ -225,6 +225,7 @@ def scan_folder(
     ``progress(done, total)`` is called after each file.
     """
     root = Path(os.path.normpath(Path(root).absolute()))
+    labels_csv = None if labels_csv is None else Path(os.path.normpath(Path(labels_csv).absolute()))
     check_cache_location(data, root)
     files, skipped = list_files(root, exclude)
     return _scan_files(root, files, skipped, data, image_size, labels_csv, progress)
