@@ -1,13 +1,15 @@
 """Autoencoder models for anomaly detection, all trainable with Opacus DP-SGD.
 
-About 500 lines: four kinds on one shared encoder/decoder, and the trainable-parameter
+About 700 lines: six kinds on one shared encoder/decoder, and the trainable-parameter
 selection that needs their layer names.
 
-`build_model(cfg, seed=...)` returns an `AnomalyModel`. Four kinds share one
+`build_model(cfg, seed=...)` returns an `AnomalyModel`. Six kinds share one
 convolutional encoder/decoder and one interface:
 
 - ``"ae"``  plain autoencoder
 - ``"vae"`` variational autoencoder (reparameterisation, KL term, ``sample``)
+- ``"cvae"`` conditional VAE on a label per image (``model.labels``; `ConditionalVAE`)
+- ``"hvae"`` hierarchical VAE: a global and a spatial code (`HierarchicalVAE`)
 - ``"dae"`` denoising autoencoder: during training the input is corrupted with
   additive Gaussian noise plus coarse, low-resolution Gaussian noise upsampled
   bilinearly (Kascenas et al., 2022, "Denoising autoencoders for unsupervised
@@ -38,7 +40,10 @@ Images are tensors ``[B, C, S, S]`` in [0, 1]; the decoder ends in a sigmoid.
 
 Interface (every kind)
 ----------------------
-``forward(x, generator=None) -> ModelOutput``
+Every call below also takes ``cond``: the label index of each image [B], which a
+conditional model (``conditional = True``) needs and the others ignore.
+
+``forward(x, generator=None, cond=None) -> ModelOutput``
     Everything the loss needs: ``recon`` (sigmoid output, like ``x``), ``code``
     (the latent code; for the VAE the sampled ``z``), and for the VAE ``mu`` and
     ``logvar``. In training mode the VAE samples ``z = mu + sigma * eps`` with
