@@ -48,7 +48,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -419,14 +419,12 @@ def _sample(anat: _Anatomy, defo: _Deformation, pts: np.ndarray, masses: list[_L
 
 @dataclass
 class _Patient:
-    stored: np.ndarray  # (S, M, M) uint16 stored values (the first contrast)
     masks: np.ndarray  # (S, M, M) bool
     kinds: list[list[str]]  # per slice, kinds drawn
     z_mm: np.ndarray
-    window: tuple[float, float]  # center, width in rescaled units
     lesions: list[_Lesion]
-    # every contrast rendered: (stored values, window), the first one included
-    contrasts: dict[str, tuple[np.ndarray, tuple[float, float]]] = field(default_factory=dict)
+    # per contrast, in order: (S, M, M) uint16 stored values and the VOI window (center, width in rescaled units)
+    contrasts: dict[str, tuple[np.ndarray, tuple[float, float]]]
 
 
 def _slice_points(anat: _Anatomy, site: SiteAppearance, z_mm: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -561,9 +559,7 @@ def _render_patient(
 
     rendered = {c: _scanner_view(_tissue(c, final, pts, drawn_per_slice), final, pts, anat, site, rng)
                 for c in contrasts}
-    stored, window = rendered[contrasts[0]]
-    return _Patient(stored=stored, masks=masks, kinds=kinds_per_slice, z_mm=z_mm, window=window,
-                    lesions=lesions, contrasts=rendered)
+    return _Patient(masks=masks, kinds=kinds_per_slice, z_mm=z_mm, lesions=lesions, contrasts=rendered)
 
 
 # Tissue intensities of the contrasts other than T1 (the T1 template's own intensities are T1),
@@ -996,10 +992,9 @@ def _series_folder(contrasts: tuple[str, ...], contrast: str) -> str:
 def _write_patient(anat, site: SiteAppearance, site_index: int, pid: str, number: int, pat: _Patient,
                    pdir: Path, uid_key: list[str]) -> None:
     """One patient's slices, one DICOM series per contrast, in ``pdir``."""
-    contrasts = tuple(pat.contrasts) or ("t1",)
+    contrasts = tuple(pat.contrasts)
     _, x0, y0 = _slice_points(anat, site, pat.z_mm[:1])
-    for number_in_study, contrast in enumerate(contrasts, 1):
-        stored, window = pat.contrasts.get(contrast, (pat.stored, pat.window))
+    for number_in_study, (contrast, (stored, window)) in enumerate(pat.contrasts.items(), 1):
         sdir = pdir / _series_folder(contrasts, contrast)
         sdir.mkdir(parents=True, exist_ok=True)
         ds = _patient_dataset(site=site, site_index=site_index, patient_id=pid, patient_number=number,

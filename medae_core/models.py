@@ -189,12 +189,14 @@ class Encoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = cfg.in_channels + extra_inputs  # a CVAE's label planes come in with the image
+        self.stage_ends: list[int] = []  # index in `features` after each stage (an HVAE reads one)
         for c in cfg.channels:
             layers += [
                 nn.Conv2d(c_in, c, kernel_size=3, stride=2, padding=1),
                 _norm(c, cfg.groups),
                 nn.LeakyReLU(_LEAK),
             ]
+            self.stage_ends.append(len(layers))
             c_in = c
         self.features = nn.Sequential(*layers)
         self.bottleneck_channels = _bottleneck_channels(cfg)
@@ -252,7 +254,6 @@ class Decoder(nn.Module):
         res = self.res
         self.stage_ends: list[int] = []  # index in `features` after each stage's norm (a CVAE conditions there)
         self.stage_channels: list[int] = []
-        self.stage_res: list[int] = []
         # Stages from the deepest feature map back up: chans[-1] -> ... -> chans[0].
         for c_in, c_out in zip(chans[::-1][:-1], chans[::-1][1:]):
             layers += _up_block(c_in, c_out, res) + [_norm(c_out, cfg.groups)]
@@ -260,7 +261,6 @@ class Decoder(nn.Module):
             self.stage_channels.append(c_out)
             layers.append(nn.LeakyReLU(_LEAK))
             res *= 2
-            self.stage_res.append(res)
         layers += _up_block(chans[0], cfg.in_channels, res)
         self.features = nn.Sequential(*layers)
 
@@ -376,9 +376,7 @@ class VariationalAutoEncoder(AnomalyModel):
 
     def posterior(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of q(z|x), each [B, latent_dim]."""
-        h = self.encoder(x)
-        mu, logvar = h.chunk(2, dim=1)
-        return mu, logvar.clamp(-12.0, 12.0)
+        return _gaussian(self.encoder(x))
 
     def encode(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.posterior(x, cond)[0]
@@ -417,6 +415,12 @@ class VariationalAutoEncoder(AnomalyModel):
         gen_device = generator.device if generator is not None else torch.device("cpu")
         z = torch.randn((n, self.cfg.latent_dim), generator=generator, device=gen_device)
         return self.decode(z.to(device), cond)
+
+
+def _gaussian(t: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu, logvar) from a layer's output: its channels halved, the log-variance kept in [-12, 12]."""
+    mu, logvar = t.chunk(2, dim=1)
+    return mu, logvar.clamp(-12.0, 12.0)
 
 
 def _draw(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -471,8 +475,7 @@ class ConditionalVAE(VariationalAutoEncoder):
     def posterior(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         c = self._onehot(cond, x)
         planes = c[:, :, None, None].expand(-1, -1, *x.shape[-2:])
-        mu, logvar = self.encoder(torch.cat([x, planes], dim=1)).chunk(2, dim=1)
-        return mu, logvar.clamp(-12.0, 12.0)
+        return _gaussian(self.encoder(torch.cat([x, planes], dim=1)))
 
     def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         c = self._onehot(cond, z)
@@ -525,7 +528,7 @@ class HierarchicalVAE(VariationalAutoEncoder):
         skip = None
         for i, layer in enumerate(enc.features, start=1):
             h = layer(h)
-            if i == 6:  # after two [conv, norm, act] stages
+            if i == enc.stage_ends[1]:  # after two stride-2 stages: 1/4 size
                 skip = h
         return skip, enc.fc(enc.squeeze(h).flatten(1))
 
@@ -543,21 +546,16 @@ class HierarchicalVAE(VariationalAutoEncoder):
             h = layer(h)
         return torch.sigmoid(h)
 
-    @staticmethod
-    def _split(t: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = t.chunk(2, dim=1)
-        return mu, logvar.clamp(-12.0, 12.0)
-
     def posterior(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._split(self._features(x)[1])
+        return _gaussian(self._features(x)[1])
 
     def _pass(self, x: Tensor, generator: torch.Generator | None, sample: bool):
         skip, top = self._features(x)
-        mu, logvar = self._split(top)
+        mu, logvar = _gaussian(top)
         z1 = _draw(mu, logvar, generator) if sample else mu
         h, start = self._top(z1)
-        mu2, logvar2 = self._split(self.local_posterior(torch.cat([skip, h], dim=1)))
-        mu2_p, logvar2_p = self._split(self.local_prior(h))
+        mu2, logvar2 = _gaussian(self.local_posterior(torch.cat([skip, h], dim=1)))
+        mu2_p, logvar2_p = _gaussian(self.local_prior(h))
         z2 = _draw(mu2, logvar2, generator) if sample else mu2
         recon = self._bottom(h, z2, start)
         return recon, z1, mu, logvar, gaussian_kl(mu2, logvar2, mu2_p, logvar2_p)
@@ -572,7 +570,7 @@ class HierarchicalVAE(VariationalAutoEncoder):
     def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         """Images from global codes; the spatial code is its prior's mean given them."""
         h, start = self._top(z)
-        return self._bottom(h, self._split(self.local_prior(h))[0], start)
+        return self._bottom(h, _gaussian(self.local_prior(h))[0], start)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -595,7 +593,7 @@ class HierarchicalVAE(VariationalAutoEncoder):
         gen_device = generator.device if generator is not None else torch.device("cpu")
         z1 = torch.randn((n, self.cfg.latent_dim), generator=generator, device=gen_device).to(device)
         h, start = self._top(z1)
-        mu_p, logvar_p = self._split(self.local_prior(h))
+        mu_p, logvar_p = _gaussian(self.local_prior(h))
         return self._bottom(h, _draw(mu_p, logvar_p, generator), start)
 
 
