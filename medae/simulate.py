@@ -37,6 +37,7 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
+    from medae import sim_poller
     from server.app import app as server_app
 
     if client_app is None:
@@ -68,6 +69,7 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
     # Sites are offline: the app is installed beforehand, nothing is installed at run time.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # and silence Ray's notice about it
+    sim_poller.install()  # Flower's poller is quadratic in sites (medae.sim_poller)
     _run_simulation(
         num_supernodes=cfg.federation.sites,
         client_app=client_app,
