@@ -472,6 +472,38 @@ def test_calibration_with_pld_fits_the_budget_with_less_noise_than_rdp():
     assert sigma_pld < sigma_rdp
 
 
+@pytest.mark.parametrize("prior", [[], [(1.7, 16 / 127, 80)] * 3], ids=["fresh", "after three rounds"])
+def test_pld_calibration_searches_coarse_and_checks_its_sigma_exactly(monkeypatch, prior):
+    """The σ search runs on a coarse PLD; the fine (reported) ε is computed for at most two σ and is in the band."""
+    from medae_core.privacy import accounting
+
+    fine, exact = [], accounting._pld_cached.__wrapped__
+    accounting._pld_cached.cache_clear()
+
+    def counted(merged, delta, discretization):
+        if discretization == accounting.PLD_DISCRETIZATION:
+            fine.append(merged[-1][0])
+        return exact(merged, delta, discretization)
+
+    monkeypatch.setattr(accounting, "_pld_cached", counted)
+    sigma = calibrate_noise(8.0, DELTA, 16 / 127, 160, "pld", already_spent_history=prior)
+    searched = [s for s in fine if not any(s == p[0] for p in prior)]  # the prior's own ε is asked once too
+    assert 1 <= len(searched) <= 2 and searched[-1] == sigma
+    eps = compute_epsilon(prior + [(sigma, 16 / 127, 160)], DELTA, "pld")
+    assert 8.0 * (1 - accounting.CALIBRATION_SLACK) <= eps <= 8.0
+
+
+def test_epsilon_is_remembered_not_recomputed():
+    from medae_core.privacy import accounting
+
+    history = [(1.3, 0.07, 120), (1.1, 0.07, 40)]
+    first = compute_epsilon(history, DELTA, "pld")
+    hits = accounting._pld_cached.cache_info().hits
+    assert compute_epsilon(list(history), DELTA, "pld") == first
+    assert accounting._pld_cached.cache_info().hits == hits + 1
+    assert compute_epsilon(history + [(1.1, 0.07, 1)], DELTA, "pld") > first  # another history: computed afresh
+
+
 def test_an_existing_ledger_keeps_its_accountant_when_the_default_changes(tmp_path):
     from medae_core.config import PrivacyConfig
 

@@ -11,6 +11,7 @@ discretisation, capped by RDP.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,10 @@ ACCOUNTANTS = ("rdp", "prv", "pld")
 # PLD: dp-accounting's privacy-loss-distribution accountant, pessimistic
 # discretisation at this interval (an upper bound: rounding only ever adds ε).
 PLD_DISCRETIZATION = 1e-3
+# calibrate_noise first searches σ with PLD at this coarser interval (each ε about 5-10x
+# faster, within 0.1 % of the fine one here), then confirms, and refines if needed, with
+# the exact `compute_epsilon`; the σ it returns is always checked at PLD_DISCRETIZATION.
+PLD_SEARCH_DISCRETIZATION = 1e-2
 
 # PRV: Opacus' default error in ε. Its safe-domain computation is only known to
 # hold for eps_error < 1 (see the FIXME in opacus/accountants/analysis/prv/domain.py).
@@ -88,18 +93,32 @@ def compute_epsilon(
     return _rdp_epsilon(merged, delta)
 
 
-def _rdp_epsilon(merged: list[HistoryEntry], delta: float) -> float:
+def _rdp_epsilon(merged: Sequence[HistoryEntry], delta: float) -> float:
+    return _rdp_cached(tuple(merged), float(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_cached(merged: tuple[HistoryEntry, ...], delta: float) -> float:  # memoised as _pld_cached
     from opacus.accountants import RDPAccountant
 
     rdp = RDPAccountant()
-    rdp.history = merged
+    rdp.history = list(merged)
     return float(rdp.get_epsilon(delta=delta))
 
 
-def _pld_upper_bound(merged: list[HistoryEntry], delta: float) -> float:
+def _pld_upper_bound(merged: Sequence[HistoryEntry], delta: float,
+                     discretization: float = PLD_DISCRETIZATION) -> float:
+    return _pld_cached(tuple(merged), float(delta), float(discretization))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pld_cached(merged: tuple[HistoryEntry, ...], delta: float, discretization: float) -> float:
+    # A pure function of its (validated, merged) arguments, so it is memoised: a site's
+    # calibration, its reservation and its reports often ask for the same history, and
+    # in a simulation every site of the same size asks the same (each one ~0.1-0.5 s).
     from dp_accounting import dp_event, pld
 
-    accountant = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)  # pessimistic by default
+    accountant = pld.PLDAccountant(value_discretization_interval=discretization)  # pessimistic by default
     accountant.compose(dp_event.ComposedDpEvent([
         dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
         for sigma, q, steps in merged
@@ -168,7 +187,18 @@ def calibrate_noise(
         )
     epsilon_of = _epsilon_function(prior, delta, accountant, sample_rate, steps)
 
-    sigma = _solve_sigma(epsilon_of, budget_epsilon)
+    if accountant == "pld":
+        # Search on the coarse PLD, then start the exact search there with a narrow bracket: the
+        # coarse σ usually lands in the exact band at once (one exact evaluation instead of ~6).
+        # Coarse PLD is the more pessimistic, so it aims at the band's top quarter.
+        coarse = _solve_sigma(lambda s: _pld_upper_bound(_merge(prior + [(s, sample_rate, steps)]), delta,
+                                                         PLD_SEARCH_DISCRETIZATION), budget_epsilon,
+                              slack=CALIBRATION_SLACK / 4)
+        sigma = _solve_sigma(epsilon_of, budget_epsilon, start=coarse) if coarse else None
+    else:
+        sigma = _solve_sigma(epsilon_of, budget_epsilon)
+    if sigma is None and accountant == "pld":
+        sigma = _solve_sigma(epsilon_of, budget_epsilon)  # the coarse search found nothing: the full search decides
     if sigma is None:
         raise BudgetExceededError(
             f"the remaining privacy budget cannot fit {steps} more steps at sample rate "
@@ -189,16 +219,18 @@ def calibrate_noise(
     )
 
 
-def _solve_sigma(epsilon_of, budget: float) -> float | None:
-    """σ with ε(σ) in [budget·(1 − CALIBRATION_SLACK), budget], or None if none up to MAX_SIGMA.
+def _solve_sigma(epsilon_of, budget: float, start: float | None = None,
+                 slack: float = CALIBRATION_SLACK) -> float | None:
+    """σ with ε(σ) in [budget·(1 − slack), budget], or None if none up to MAX_SIGMA.
 
-    ε falls as σ grows. Bracket by doubling or halving σ from 1, then regula falsi
+    ε falls as σ grows. Bracket by doubling or halving σ from 1 (from ``start`` by
+    steps of 1 %, doubling each time, when a nearby σ is already known), then regula falsi
     (Illinois variant) on log ε against log σ, where the curve is nearly straight,
     so a handful of ε evaluations suffice (each PRV one can take a second). The
     bracket's high-noise end always has ε < budget; it is returned if the band is
     never hit exactly.
     """
-    low_band, target = budget * (1 - CALIBRATION_SLACK), budget * (1 - CALIBRATION_SLACK / 2)
+    low_band, target = budget * (1 - slack), budget * (1 - slack / 2)
     x_max, x_min = math.log(MAX_SIGMA), math.log(1e-3)
 
     def f(x: float) -> tuple[float, float]:
@@ -206,7 +238,8 @@ def _solve_sigma(epsilon_of, budget: float) -> float | None:
         return eps, math.log(max(eps, 1e-300)) - math.log(target) if math.isfinite(eps) else math.inf
 
     x_lo = x_hi = f_lo = f_hi = None  # x_lo: too little noise (ε > budget); x_hi: ε < band
-    x = 0.0
+    x = 0.0 if start is None else min(max(math.log(start), x_min), x_max)
+    step = math.log(2) if start is None else math.log(1.01)
     while x_lo is None or x_hi is None:
         eps, fx = f(x)
         if low_band <= eps <= budget:
@@ -215,12 +248,13 @@ def _solve_sigma(epsilon_of, budget: float) -> float | None:
             x_lo, f_lo = x, fx
             if x >= x_max:
                 return None
-            x = min(x + math.log(2), x_max)
+            x = min(x + step, x_max)
         else:
             x_hi, f_hi = x, fx
             if x <= x_min:  # an absurdly large budget: any σ ≥ 1e-3 fits
                 return math.exp(x)
-            x = max(x - math.log(2), x_min)
+            x = max(x - step, x_min)
+        step = min(2 * step, math.log(2))
     side = 0
     for _ in range(60):
         if math.isfinite(f_lo) and f_lo != f_hi:
