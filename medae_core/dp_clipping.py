@@ -32,7 +32,12 @@ per-sample gradient norm is computed the cheaper of two ways:
   per-sample weight gradient is ``G_i = g_i^T a_i`` over output positions, so
   ``||G_i||^2 = <a_i a_i^T, g_i g_i^T>`` -- cost ~ positions^2;
 - *materialised*: the per-sample weight gradients of a conv layer in one
-  grouped convolution-backward call (batch as groups), cost ~ positions.
+  grouped convolution-backward call (batch as groups), cost ~ positions;
+  or, for a stride-1 conv with few output channels (the high-resolution
+  layers next to the image, where grouped kernels run slowest: 2-5x their
+  batched cost here), by *shifted windows*: one batched matmul per kernel
+  offset, each reading the padded input at that offset as a view, no im2col
+  (1.2-2.7x faster than grouped on those layers, on this CPU).
 
 With all norms known, the clipped sum is formed per layer directly: for a
 ghost layer as one ordinary weight-gradient computation on the rescaled output
@@ -67,6 +72,10 @@ CLIPPING_MODES = ("flat", "automatic")
 AUTOMATIC_GAMMA = 0.01  # Bu et al. 2023's stability constant, relative to C
 
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+# How conv layers get their per-sample norms: "auto" picks per layer (see `_conv_method`);
+# the others force one way where it applies (for tests and benchmarks).
+STRATEGIES = ("auto", "ghost", "materialize", "shift")
+SHIFT_MAX_OUT_CHANNELS = 16  # "auto": shifted windows for stride-1 convs with at most this many outputs
 
 
 class UnsupportedModelError(MedaeError):
@@ -110,8 +119,8 @@ class BookKeepingClipper:
 
     def __init__(self, model: nn.Module, max_grad_norm: float, *, strategy: str = "auto",
                  group_size: int = 1, clipping: str = "flat"):
-        if strategy not in ("auto", "ghost", "materialize"):
-            raise ValueError(f"strategy must be auto, ghost or materialize; got {strategy!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
         if int(group_size) < 1:
             raise ValueError(f"group_size must be at least 1; got {group_size}")
         if clipping not in CLIPPING_MODES:
@@ -262,21 +271,30 @@ class BookKeepingClipper:
             return t
         return t.reshape(t.shape[0] // self.k, self.k, *t.shape[1:]).sum(1)
 
-    def _use_ghost(self, m: nn.Conv2d, g: Tensor) -> bool:
-        if self.strategy != "auto":
-            return self.strategy == "ghost"
+    def _conv_method(self, m: nn.Conv2d, g: Tensor) -> str:
+        """"ghost", "shift" or "grouped": how this layer's per-sample norms are computed."""
+        shiftable = _shiftable(m)
+        if self.strategy == "ghost":
+            return "ghost"
+        if self.strategy == "materialize":
+            return "grouped"
+        if self.strategy == "shift":
+            return "shift" if shiftable else "grouped"
         q = g.shape[2] * g.shape[3] * self.k  # output positions of one unit
         p = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
         o = m.out_channels
         # ghost: q^2 (p + o) multiply-adds; materialised: p o q, plus writing
         # B x p x o per-sample gradients. Ghost wins for few positions.
-        return q * (p + o) < p * o
+        if q * (p + o) < p * o:
+            return "ghost"
+        return "shift" if shiftable and o <= SHIFT_MAX_OUT_CHANNELS else "grouped"
 
     def _conv_norms(self, r: _Record, m: nn.Conv2d, g: Tensor) -> None:
         n = g.shape[0] // self.k  # units
         a = r.a
         gb = self._unit_sum(g.sum((2, 3))) if m.bias is not None else None
-        if self._use_ghost(m, g):
+        method = self._conv_method(m, g)
+        if method == "ghost":
             cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
             # A unit's positions are those of all its rows: [units, k * q, features].
             cols = cols.transpose(1, 2).reshape(n, -1, cols.shape[1])
@@ -286,7 +304,8 @@ class BookKeepingClipper:
             r.norm2 = _dot_per_sample(aa, ggt)
             r.g, r.ghost = g, True
         else:
-            gw = self._unit_sum(_conv_per_sample_weight_grad(m, a, g))
+            per_sample = _shifted_per_sample_weight_grad if method == "shift" else _conv_per_sample_weight_grad
+            gw = self._unit_sum(per_sample(m, a, g))
             r.per_sample["weight"] = gw
             r.norm2 = _sq_norms(gw)
             r.a = None
@@ -372,3 +391,35 @@ def _conv_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
         w_rep, None, m.stride, _pad(m), m.dilation, False, [0, 0], n, [False, True, False],
     )
     return gw.view(n, *w.shape)
+
+
+def _shiftable(m: nn.Conv2d) -> bool:
+    """Stride 1, no dilation, numeric padding: the layers `_shifted_per_sample_weight_grad` handles."""
+    return tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1) and not isinstance(m.padding, str)
+
+
+def _shifted_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients [B, out, in, kh, kw] of a stride-1 conv layer, by shifted windows.
+
+    ``G_i[:, :, dy, dx] = g_i @ window_i(dy, dx)^T`` summed over output positions, where
+    the window is the padded input at offset (dy, dx). With the input padded, made
+    channels-last and flattened row by row (rows of padded width Wp, one spare row),
+    the window of every offset is a contiguous slice of that buffer, provided the
+    output gradient is laid out on the same rows (its kw - 1 extra columns zero, so
+    the positions that wrap round a row add nothing). Each offset is then one
+    batched matmul [B, out, Ho*Wp] @ [B, Ho*Wp, in], and nothing is copied per offset.
+    """
+    n, c, _, _ = a.shape
+    o, ho, wo = g.shape[1], g.shape[2], g.shape[3]
+    kh, kw = m.kernel_size
+    ph, pw = _pad(m)
+    padded = F.pad(a, (pw, pw, ph, ph + 1))  # the spare row keeps the last offset's window in bounds
+    wp = padded.shape[3]
+    flat = padded.permute(0, 2, 3, 1).reshape(n, -1, c)  # [B, (Hp + 1) * Wp, in]
+    rows = F.pad(g, (0, wp - wo)).reshape(n, o, ho * wp)  # [B, out, Ho * Wp]
+    out = torch.empty(kh, kw, n, o, c, dtype=g.dtype, device=g.device)
+    for dy in range(kh):
+        for dx in range(kw):
+            start = dy * wp + dx
+            torch.bmm(rows, flat[:, start:start + ho * wp], out=out[dy, dx])
+    return out.permute(2, 3, 4, 0, 1).contiguous()

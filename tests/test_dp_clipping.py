@@ -46,7 +46,7 @@ def mixed_loss(out, x):
     return out.pow(2).sum(1) + out[:, 0] * x.mean((1, 2, 3))
 
 
-@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize", "shift"])
 def test_norms_and_clipped_sum_match_per_sample_autograd(strategy):
     torch.manual_seed(0)
     model = Mixed().double()
@@ -117,7 +117,7 @@ def per_unit_reference(model, x, k, max_grad_norm, clipping="flat"):
 
 
 @pytest.mark.parametrize("clipping", ["flat", "automatic"])
-@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize", "shift"])
 def test_multi_slice_units_match_an_explicit_per_patient_computation(strategy, clipping):
     torch.manual_seed(0)
     model = build_model(ModelConfig(kind="ae", channels=(8, 16), latent_dim=8, groups=4), seed=0).double()
@@ -154,4 +154,31 @@ def test_a_batch_that_is_not_whole_units_is_refused():
     x = torch.rand(4, 1, 64, 64)
     with pytest.raises(ValueError, match="whole number of units"):
         clipper.backward(model.per_sample_loss(x, clipper.forward(x)))
+    clipper.close()
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, 1), (1, 0), ((3, 5), (1, 2)), (3, 0), (5, 3)])
+def test_shifted_windows_give_the_per_sample_weight_gradients(kernel, padding):
+    from medae_core.dp_clipping import _conv_per_sample_weight_grad, _shifted_per_sample_weight_grad
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel, padding=padding).double()
+    a = torch.randn(5, 3, 10, 13, dtype=torch.float64)
+    g = torch.randn_like(conv(a))
+    shifted = _shifted_per_sample_weight_grad(conv, a, g)
+    assert shifted.shape == (5, *conv.weight.shape)
+    assert torch.allclose(shifted, _conv_per_sample_weight_grad(conv, a, g), rtol=1e-10, atol=1e-12)
+    # and per sample, what autograd gives for that sample alone
+    ref = torch.autograd.grad((conv(a[1:2]) * g[1:2]).sum(), conv.weight)[0]
+    assert torch.allclose(shifted[1], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_uses_shifted_windows_for_the_layers_next_to_the_image():
+    model = build_model(ModelConfig(kind="ae"), seed=0)
+    clipper = BookKeepingClipper(model, 1.0)
+    out = model.decoder.features[-1].conv  # 16 -> 4 channels at half the image size, stride 1
+    first = model.encoder.features[0]  # stride 2: not shiftable
+    g_out = torch.zeros(16, out.out_channels, 32, 32)
+    assert clipper._conv_method(out, g_out) == "shift"
+    assert clipper._conv_method(first, torch.zeros(16, 16, 32, 32)) == "grouped"
     clipper.close()
