@@ -891,14 +891,14 @@ def _run_tasks(tasks: list[tuple[Callable, tuple, int]], total: int,
                 progress(done, total)
         return [fn(*args, tick) for fn, args, _ in tasks]
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     results: list[Any] = [None] * len(tasks)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(fn, *args): (i, n) for i, (fn, args, n) in enumerate(tasks)}
         pending = set(futures)
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)  # progress as each piece ends
             for future in finished:
                 i, n = futures[future]
                 if future.exception() is not None:

@@ -252,3 +252,29 @@ def test_worker_processes_write_the_same_files_as_one_process(tmp_path):
     total = 2 * 14 + 11
     assert calls[0] == (0, total) and calls[-1] == (total, total)  # whole pieces of work at a time
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def _wait_for_file(path: str, seconds: float) -> str:
+    """A piece of work that ends when `path` exists (or after `seconds`); module level, so a worker can run it."""
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if Path(path).exists():
+            return "saw progress"
+        time.sleep(0.05)
+    return "no progress while it ran"
+
+
+def test_worker_progress_is_reported_as_each_piece_finishes_not_at_the_end(tmp_path):
+    from medae_core.benchmark import _run_tasks
+
+    flag = tmp_path / "progress-seen"
+
+    def progress(done, total):
+        if done > 0:
+            flag.touch()
+
+    tasks = [(_wait_for_file, (str(tmp_path / "never"), 0.0), 1),  # ends at once
+             (_wait_for_file, (str(flag), 20.0), 1)]  # ends when the first one's progress has been reported
+    assert _run_tasks(tasks, 2, progress, workers=2)[1] == "saw progress"
