@@ -39,7 +39,9 @@ ALL_MODES = ["nondp", "bk", "hooks", "ghost", "ew", "functorch"]
 
 
 def make_step(kind: str, mode: str, args) -> tuple[callable, int, callable]:
-    cfg = ModelConfig(kind=kind, image_size=args.image_size, channels=tuple(args.channels), latent_dim=args.latent_dim)
+    labels = ("t1", "t2", "flair") if kind == "cvae" else ()  # a conditional VAE needs its labels
+    cfg = ModelConfig(kind=kind, image_size=args.image_size, channels=tuple(args.channels), latent_dim=args.latent_dim,
+                      labels=labels)
     device = torch.device(args.device)
     model = build_model(cfg, seed=0).to(device)
     model.train()
@@ -54,10 +56,11 @@ def make_step(kind: str, mode: str, args) -> tuple[callable, int, callable]:
         noise_generator=torch.Generator(device=device).manual_seed(1) if mode != "nondp" else None,
     )
     gen = torch.Generator(device=device).manual_seed(2)
+    cond = (torch.arange(args.batch_size, device=device) % len(labels)) if labels else None
 
     def step():
         x_in = model.corrupt(x, gen)
-        stepper.compute_gradient(x_in, x, gen)
+        stepper.compute_gradient(x_in, x, gen, cond)
         stepper.step()
         if device.type == "cuda":  # time the work, not its queueing
             torch.cuda.synchronize(device)

@@ -34,7 +34,7 @@ per-sample gradient norm is computed the cheaper of two ways:
 - *materialised*: the per-sample weight gradients of a conv layer in one
   grouped convolution-backward call (batch as groups), cost ~ positions;
   or, for a stride-1 conv with few output channels (the high-resolution
-  layers next to the image, where grouped kernels run slowest: 2-5x their
+  layers next to the image, where grouped kernels run slowest: 3-6x their
   batched cost here), by *shifted windows*: one batched matmul per kernel
   offset, each reading the padded input at that offset as a view, no im2col
   (1.2-2.7x faster than grouped on those layers, on this CPU).

@@ -194,11 +194,9 @@ def calibrate_noise(
         coarse = _solve_sigma(lambda s: _pld_upper_bound(_merge(prior + [(s, sample_rate, steps)]), delta,
                                                          PLD_SEARCH_DISCRETIZATION), budget_epsilon,
                               slack=CALIBRATION_SLACK / 4)
-        sigma = _solve_sigma(epsilon_of, budget_epsilon, start=coarse) if coarse else None
+        sigma = _solve_sigma(epsilon_of, budget_epsilon, start=coarse)  # no coarse σ: the full search decides
     else:
         sigma = _solve_sigma(epsilon_of, budget_epsilon)
-    if sigma is None and accountant == "pld":
-        sigma = _solve_sigma(epsilon_of, budget_epsilon)  # the coarse search found nothing: the full search decides
     if sigma is None:
         raise BudgetExceededError(
             f"the remaining privacy budget cannot fit {steps} more steps at sample rate "
