@@ -1,5 +1,8 @@
 """Scale in data: one site of 150, 300 and 1,000 patients -- the writer, the scan and a training epoch.
 
+About 500 lines, on purpose: three phases measured side by side in one child process per
+size (each phase one function, in the order they run), then the JSON, the plot and the tables.
+
     python benchmarks/scale_data.py [--patients 150,300,1000] [--test-fraction 0.1] [--repeats 2] [--threads 0] [--out /tmp/scale-data]
     python benchmarks/scale_data.py --reuse --out DIR        # again from OUT/size-N.json: memory children, table, plot
     python benchmarks/scale_data.py --one 300 --out DIR      # one size only, in this process (what the sweep runs)
