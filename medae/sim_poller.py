@@ -39,7 +39,7 @@ def deliver_pending(state, nodes: Iterable[int]) -> list:
     """One sweep: each of `nodes`' first undelivered message, validated and marked delivered."""
     from flwr.supercore.date import now
 
-    wanted = set(nodes)
+    wanted = nodes if isinstance(nodes, frozenset) else frozenset(nodes)
     with state.lock:
         first: dict[int, str] = {}
         for msg_id, msg in state.message_ins_store.items():
@@ -58,7 +58,7 @@ def deliver_pending(state, nodes: Iterable[int]) -> list:
 
 def add_messages_to_queue(state, queue: Queue, nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
     """Drop-in for ``vce_api.add_messages_to_queue``: same arguments, same messages, one pass per sweep."""
-    nodes = list(nodes_mapping)
+    nodes = frozenset(nodes_mapping)  # built once, not every sweep
     while not f_stop.is_set():
         for msg in deliver_pending(state, nodes):
             queue.put(msg)
@@ -86,14 +86,8 @@ def install() -> None:
     def poller(state, queue, nodes_mapping, f_stop):
         if _supported(state):
             return add_messages_to_queue(state, queue, nodes_mapping, f_stop)
-        log.debug("keeping Flower's message poller for %s (flwr %s)", type(state).__name__, _flower_version())
+        log.debug("keeping Flower's message poller for %s", type(state).__name__)
         return flower_poller(state, queue, nodes_mapping, f_stop)
 
     poller._flower_poller = flower_poller
     vce_api.add_messages_to_queue = poller
-
-
-def _flower_version() -> str:
-    import flwr
-
-    return flwr.__version__
