@@ -515,3 +515,40 @@ def test_an_existing_ledger_keeps_its_accountant_when_the_default_changes(tmp_pa
     assert ledger.epsilon() == compute_epsilon([(1.5, Q, 100)], DELTA, "rdp")
     fresh = PrivacyLedger.for_config(cfg, site=SITE, path=tmp_path / "new.jsonl")
     assert fresh.accountant == "pld"
+
+
+# Histories from the calibrations medae runs (ε 1-30, sample rates 0.05-1, 4-2,000 steps), mixed histories of
+# several rounds, and the extremes: almost no noise, a great deal of it.
+_RDP_GRID = [[(sigma, q, steps)] for sigma in (0.45, 0.7, 1.04, 1.9, 4.8, 30.0)
+             for q in (0.05, 0.3, 0.6, 1.0) for steps in (4, 16, 400)] + [
+    [(1.04, 0.31, 16), (1.3, 0.16, 16), (0.9, 0.31, 80)],
+    [(0.55, 0.05, 16), (8.0, 0.6, 2000)],
+    [(0.2, 0.5, 10)],  # ε in the hundreds
+    [(200.0, 0.01, 5)],  # ε near 0
+]
+
+
+@pytest.mark.parametrize("history", _RDP_GRID, ids=lambda h: "+".join(f"{s}/{q}/{n}" for s, q, n in h))
+def test_rdp_epsilon_equals_opacus_rdp_accountant_exactly(history):
+    from medae_core.privacy import accounting
+
+    opacus = RDPAccountant()
+    opacus.history = list(history)
+    accounting._rdp_cached.cache_clear()
+    assert compute_epsilon(history, DELTA, "rdp") == float(opacus.get_epsilon(delta=DELTA))
+
+
+def test_rdp_skips_the_fractional_orders_that_cannot_hold_the_minimum():
+    from medae_core.privacy import accounting
+
+    merged = ((1.04, 0.31, 16),)  # the default site's calibration
+    every = list(RDPAccountant.DEFAULT_ALPHAS)
+    kept = accounting._rdp_orders_worth_computing(merged, DELTA)
+    fractional = [a for a in every if not float(a).is_integer()]
+    kept_fractional = [a for a in kept if not float(a).is_integer()]
+    assert len(kept_fractional) < len(fractional) / 3
+    assert set(kept) <= set(every)
+    assert {a for a in every if float(a).is_integer()} <= set(kept)  # every integer order stays
+    opacus = RDPAccountant()
+    opacus.history = list(merged)
+    assert opacus.get_privacy_spent(delta=DELTA)[1] in kept  # Opacus' minimising order is among those kept
