@@ -1,7 +1,8 @@
 """One optimizer step, private or not: per-sample clipping by the chosen grad-sample mode, then Opacus' noise.
 
 `Stepper` puts a model and its optimizer behind Opacus' ``DPOptimizer`` (or
-``DPOptimizerFastGradientClipping`` for book-keeping and ghost clipping) and
+``DPOptimizerFastGradientClipping`` for book-keeping and ghost clipping, with one noise draw per
+step instead of one per tensor: `_summed_gradient_optimizer`) and
 computes the per-unit clipped gradient sum by ``privacy.grad_sample_mode``
 (`medae_core.training` module docstring). `privatized_gradient` runs the same
 path once, for tests and inspection.
@@ -9,6 +10,7 @@ path once, for tests and inspection.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -47,6 +49,52 @@ def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
         logger.info("book-keeping clipping unavailable (%s); using Opacus hooks", exc)
         return "hooks"
     return "bk"
+
+
+@functools.cache
+def _summed_gradient_optimizer() -> type:
+    """Opacus' ``DPOptimizerFastGradientClipping``, less two costs of a short step.
+
+    Book-keeping and ghost clipping hand the optimizer the clipped sum in ``p.grad``; it
+    copies each one into ``p.summed_grad``, adds Gaussian noise of standard deviation
+    σ·C to every coordinate, scales by the expected batch size and reports the step to
+    the accountant. At 64 px (a ~50 ms step, 40 parameter tensors) two things in it cost
+    about 4 ms: ``copy.deepcopy`` of every gradient, and one noise draw per tensor. This
+    subclass copies with ``clone`` and draws the noise of all tensors in one call, then
+    splits it. Every coordinate still gets its own independent N(0, (σ·C)²), from the same
+    generator; the processed-flag checks, scaling and accounting are Opacus' own. With
+    ``secure_mode``, or tensors on different devices or of different types, Opacus' own
+    per-tensor noise runs.
+    """
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SummedGradientDPOptimizer(DPOptimizerFastGradientClipping):
+        def accumulate(self):
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad.detach())
+                else:
+                    p.summed_grad = p.grad.detach().clone()
+
+        def add_noise(self):
+            params = self.params
+            kinds = {(p.summed_grad.device, p.summed_grad.dtype) for p in params}
+            if self.secure_mode or len(kinds) != 1:
+                return super().add_noise()
+            (device, dtype), = kinds
+            std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+            for p in params:
+                _check_processed_flag(p.summed_grad)
+            sizes = [p.summed_grad.numel() for p in params]
+            noise = torch.zeros(sum(sizes), device=device, dtype=dtype)
+            if std != 0:
+                noise.normal_(0.0, std, generator=self.generator)
+            for p, n in zip(params, noise.split(sizes)):
+                p.grad = (p.summed_grad + n.view_as(p.summed_grad)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SummedGradientDPOptimizer
 
 
 class Stepper:
@@ -97,7 +145,7 @@ class Stepper:
             generator=noise_generator,
         )
         if mode in ("bk", "ghost"):
-            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **kwargs)
+            self.optimizer = _summed_gradient_optimizer()(optimizer, **kwargs)
         else:
             self.optimizer = DPOptimizer(optimizer, **kwargs)
         if mode != "bk" and (group_size > 1 or clipping != "flat"):

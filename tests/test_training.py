@@ -205,6 +205,28 @@ def test_noise_has_the_calibrated_scale():
     assert float(diff.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.05)
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_every_parameter_gets_its_own_noise_of_the_calibrated_scale(mode):
+    # bk and ghost draw the noise of all tensors in one call and split it (dp_step's optimizer):
+    # each coordinate must still get its own N(0, (σC)²), none left out, none shared.
+    model = build_model(MODEL, seed=0)
+    x = torch.rand(4, 1, 64, 64)
+    clean = privatized_gradient(model, x, grad_sample_mode=mode, max_grad_norm=0.5, noise_multiplier=0.0)
+    noisy = privatized_gradient(model, x, grad_sample_mode=mode, max_grad_norm=0.5, noise_multiplier=2.0,
+                                expected_batch_size=4)
+    noise = [(n - c).flatten() for n, c in zip(noisy, clean)]
+    std = 2.0 * 0.5 / 4
+    for z in noise:
+        assert bool((z != 0).all())
+        if z.numel() >= 2000:
+            assert float(z.std()) == pytest.approx(std, rel=0.1)
+    heads = [z[:8] for z in noise if z.numel() >= 8]
+    assert len(heads) > 10
+    assert all(not torch.allclose(a, b) for i, a in enumerate(heads) for b in heads[i + 1:])
+    everything = torch.cat(noise)
+    assert abs(float(torch.corrcoef(torch.stack([everything[:-1], everything[1:]]))[0, 1])) < 0.01
+
+
 @pytest.mark.parametrize("mode", ["auto", "hooks", "ghost", "ew"])
 def test_original_model_keeps_clean_keys_and_can_be_retrained_and_scored(mode):
     images, patients = synthetic(n_patients=6, per_patient=2)
