@@ -171,3 +171,51 @@ def test_evaluation_every_n_rounds_and_always_in_the_last(tiny_cfg, tmp_path):
     assert all(evaluates(r, 4, 1) for r in range(1, 5))
     page = (tmp_path / "run" / "report.html").read_text()
     assert 'alt="AUROC per round"' in page
+
+
+class _ArrivingNodes:
+    """A grid whose nodes register over time, as Flower's simulation engine registers them."""
+
+    def __init__(self, total: int, per_call: int):
+        self.total, self.per_call, self.calls = total, per_call, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return range(min(self.total, self.calls * self.per_call))
+
+
+def test_a_simulated_round_waits_for_every_site_to_register():
+    from server.app import wait_for_nodes
+
+    grid = _ArrivingNodes(total=1000, per_call=250)
+    assert wait_for_nodes(grid, 1000, timeout_s=30, poll_s=0.001) == 1000
+    assert grid.calls == 4
+
+
+def test_waiting_for_sites_gives_up_after_its_timeout_and_says_so(caplog):
+    from server.app import wait_for_nodes
+
+    grid = _ArrivingNodes(total=3, per_call=3)
+    with caplog.at_level("WARNING", logger="medae.server"):
+        assert wait_for_nodes(grid, 5, timeout_s=0.05, poll_s=0.01) == 3
+    assert "only 3 of 5 sites" in caplog.text
+
+
+def test_a_simulated_training_round_samples_only_after_all_sites_are_there(tiny_cfg, tmp_path):
+    grid = _ArrivingNodes(total=3, per_call=1)
+    sampled = []
+
+    run = FederatedRun(grid=grid, cfg=tiny_cfg.with_overrides({"federation.sites": 3}), run_dir=tmp_path / "run")
+
+    class Strategy:
+        def configure_train(self, rnd, arrays, config, g):
+            sampled.append(len(list(g.get_node_ids())))
+            return []
+
+        def aggregate_train(self, rnd, replies):
+            return None, None
+
+    run.strategy = Strategy()
+    grid.send_and_receive = lambda messages, timeout: []
+    run.train_round(1, ArrayRecord({}))
+    assert sampled == [3]
