@@ -50,7 +50,6 @@ log = logging.getLogger("medae.server")
 app = ServerApp()
 
 REPLY_TIMEOUT_S = 24 * 3600.0  # a hospital's round can take hours on CPU
-SITES_WAIT_S = 600.0  # simulation: how long a round waits for every virtual site to register
 
 
 @app.main()
@@ -64,30 +63,6 @@ def main(grid: Grid, context: Context) -> None:
 def evaluates(rnd: int, rounds: int, every: int) -> bool:
     """Whether round ``rnd`` of ``rounds`` evaluates the global model: every ``every`` rounds, and always the last."""
     return rnd == rounds or rnd % every == 0
-
-
-def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = SITES_WAIT_S, poll_s: float = 0.5) -> int:
-    """Wait until ``expected`` nodes are connected, or ``timeout_s`` has passed; return how many are.
-
-    In a simulation, Flower registers the virtual sites one by one while the ServerApp already
-    runs, and its strategies sample the nodes connected when a round starts, once ``min_sites``
-    are. At 1,000 sites, round 1 then trained 251 of them (BENCHMARKS.md), without any error.
-    Waiting for all of them first makes every round train every site. After ``timeout_s``, the
-    round goes on with those that are there, and a warning says how many that is.
-    """
-    deadline = time.monotonic() + timeout_s
-    next_note = time.monotonic() + 10.0
-    while (connected := len(list(grid.get_node_ids()))) < expected:
-        now = time.monotonic()
-        if now >= deadline:
-            log.warning("only %d of %d sites are connected after %.0f s; the round goes on without the others",
-                        connected, expected, timeout_s)
-            break
-        if now >= next_note:
-            log.info("waiting for the sites to connect: %d of %d", connected, expected)
-            next_note = now + 10.0
-        time.sleep(poll_s)
-    return connected
 
 
 class FederatedRun:
@@ -157,8 +132,6 @@ class FederatedRun:
 
     # -- one round --------------------------------------------------------------
     def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
-        if self.registry is None:  # simulation: every virtual site exists, so every one takes part
-            wait_for_nodes(self.grid, self.cfg.federation.sites)
         config = ConfigRecord({c.ROUND_RUN_ID: self.state.run_id,
                                c.ROUND_ROUNDS_LEFT: self.cfg.federation.rounds - rnd + 1})
         messages = self.strategy.configure_train(rnd, arrays, config, self.grid)
