@@ -115,17 +115,20 @@ def _rdp_cached(merged: tuple[HistoryEntry, ...], delta: float) -> float:  # mem
 
     from opacus.accountants.analysis import rdp as analysis
 
-    orders = _rdp_orders_worth_computing(merged, delta)
-    rdp = sum(analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
-              for sigma, q, steps in merged)
+    import numpy as np
+
+    integers, rdp_integers, kept = _rdp_orders_worth_computing(merged, delta)
+    rdp_kept = sum(analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=kept)
+                   for sigma, q, steps in merged) if kept else np.zeros(0)
+    orders, rdp = integers + kept, np.concatenate([rdp_integers, rdp_kept])  # integer orders: computed once
     with warnings.catch_warnings():  # "optimal order is the smallest alpha" refers to the subset, not to Opacus' list
         warnings.simplefilter("ignore")
         eps, _ = analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
 
-def _rdp_orders_worth_computing(merged: Sequence[HistoryEntry], delta: float) -> list[float]:
-    """Opacus' default RDP orders, less the fractional ones whose ε cannot be the smallest.
+def _rdp_orders_worth_computing(merged: Sequence[HistoryEntry], delta: float):
+    """Opacus' integer default orders with their summed RDP, and the fractional ones whose ε can be the smallest.
 
     The RDP at order α is log A(α) / (α - 1), and log A(α) = log E[(μ/μ₀)^α] is convex in
     α (Hölder), with log A(0) = log A(1) = 0. Summed over a history, weighted by steps, it
@@ -135,6 +138,7 @@ def _rdp_orders_worth_computing(merged: Sequence[HistoryEntry], delta: float) ->
     conversion, the one Opacus uses). An order is kept when that bound is below the smallest ε
     of the integer orders, which are computed exactly anyway.
     """
+    import numpy as np
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as analysis
 
@@ -150,9 +154,10 @@ def _rdp_orders_worth_computing(merged: Sequence[HistoryEntry], delta: float) ->
     def epsilon(alpha: float, rdp: float) -> float:  # Opacus' get_privacy_spent, one order
         return rdp - (math.log(delta) + math.log(alpha)) / (alpha - 1) + math.log((alpha - 1) / alpha)
 
-    best = min((epsilon(a, log_a[int(a)] / (a - 1)) for a in integers), default=math.inf)
+    rdp_integers = np.array([rdp_known[known.index(int(a))] for a in integers])  # exactly Opacus' values
+    best = min((epsilon(a, r) for a, r in zip(integers, rdp_integers)), default=math.inf)
     if not math.isfinite(best):
-        return orders
+        return integers, rdp_integers, fractional
     kept = []
     for alpha in fractional:
         i = int(math.floor(alpha))
@@ -160,7 +165,7 @@ def _rdp_orders_worth_computing(merged: Sequence[HistoryEntry], delta: float) ->
         above = log_a[i + 1] - (i + 1 - alpha) * (log_a[i + 2] - log_a[i + 1])
         if epsilon(alpha, max(below, above) / (alpha - 1)) < best:
             kept.append(alpha)
-    return sorted(integers + kept)
+    return integers, rdp_integers, kept
 
 
 def _pld_upper_bound(merged: Sequence[HistoryEntry], delta: float,
