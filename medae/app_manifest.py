@@ -48,7 +48,7 @@ def toml_value(value) -> str:
     return f'"{escaped}"'
 
 
-def write_app(cfg: RunConfig, run_dir: Path, extra: dict[str, str] | None = None) -> Path:
+def write_app(cfg: RunConfig, run_dir: Path, extra: dict[str, str | int] | None = None) -> Path:
     """RUN/.flwr-app/pyproject.toml: the app manifest whose run_config is ``cfg`` (+ ``run-dir``, ``extra``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     app_dir = run_dir / ".flwr-app"

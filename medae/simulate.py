@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medae.app_manifest import run_config, write_app
 from medae_core.config import RunConfig
+from medae_core.contract import RUN_EXPECTED_SITES
 from medae_core.data import site_folders
 from medae_core.errors import ConfigError
 
@@ -51,8 +52,10 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
         raise ConfigError("federation.min_sites cannot exceed federation.sites")
     preflight(cfg)
 
-    app_dir = write_app(cfg, run_dir)
-    flat = run_config(cfg, run_dir)
+    # Round 1 waits for every virtual site: Flower registers them while the ServerApp already runs.
+    extra = {RUN_EXPECTED_SITES: cfg.federation.sites}
+    app_dir = write_app(cfg, run_dir, extra)
+    flat = run_config(cfg, run_dir) | extra
 
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     # The same Run set-up as flwr.simulation.run_simulation, plus our run_config.

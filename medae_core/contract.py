@@ -6,7 +6,7 @@ coordinator (`medae.simulate`, `medae.deploy`, `server.app`) and a site
 
 - the **run config**, the same for both apps: the flat `RunConfig`
   (`RunConfig.to_flat` / `from_flat`) plus `RUN_DIR` and, in deployment,
-  `RUN_SITE_REGISTRY`;
+  `RUN_SITE_REGISTRY`, in simulation `RUN_EXPECTED_SITES`;
 - a site's **node config**, its own and never sent: where its data and ledger
   are and its privacy policy (`NODE_*`, written by `medae client`), or in
   simulation Flower's `PARTITION_ID`;
@@ -26,6 +26,9 @@ import re
 # -- run config ---------------------------------------------------------------
 RUN_DIR = "run-dir"  # the coordinator's run folder (simulation: also where simulated sites keep ledgers)
 RUN_SITE_REGISTRY = "site-registry"  # deployment: path of RUN/sites.json, node id -> registered site
+# Simulation: how many virtual sites will register. Flower starts the ServerApp while it is still
+# registering them, so round 1 waits for them all before sampling (`server.app.FederatedRun.await_sites`).
+RUN_EXPECTED_SITES = "expected-sites"
 
 # -- node config (a site's own; never leaves it) -------------------------------
 NODE_DATA_PATH = "data-path"

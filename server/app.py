@@ -50,6 +50,8 @@ log = logging.getLogger("medae.server")
 app = ServerApp()
 
 REPLY_TIMEOUT_S = 24 * 3600.0  # a hospital's round can take hours on CPU
+SITE_WAIT_S = 600.0  # simulation: the longest round 1 waits for the virtual sites to register
+SITE_WAIT_LOG_S = 10.0  # and how often it says how many have
 
 
 @app.main()
@@ -57,7 +59,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     run_dir = Path(str(context.run_config[c.RUN_DIR]))
     registry = str(context.run_config.get(c.RUN_SITE_REGISTRY, "") or "")
-    FederatedRun(grid, cfg, run_dir, registry=read_site_registry(Path(registry)) if registry else None).run()
+    expected = int(context.run_config.get(c.RUN_EXPECTED_SITES, 0) or 0)
+    FederatedRun(grid, cfg, run_dir, registry=read_site_registry(Path(registry)) if registry else None,
+                 expected_sites=expected or None).run()
 
 
 def evaluates(rnd: int, rounds: int, every: int) -> bool:
@@ -66,7 +70,8 @@ def evaluates(rnd: int, rounds: int, every: int) -> bool:
 
 
 class FederatedRun:
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, registry: dict[int, str] | None = None):
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, registry: dict[int, str] | None = None,
+                 expected_sites: int | None = None):
         self.grid = grid
         self.cfg = cfg
         self.run_dir = run_dir
@@ -74,6 +79,9 @@ class FederatedRun:
         self.strategy = build_strategy(cfg.federation)
         self.registry = registry  # node id -> site (deployment); None: names from the replies (simulation)
         self.site_of_node: dict[int, str] = dict(registry or {})
+        # Simulation only (`c.RUN_EXPECTED_SITES`): the sites to wait for before round 1 samples.
+        # A deployment has no such key: its sites join when they join (`federation.min_sites`).
+        self.expected_sites = expected_sites
 
     def initial_arrays(self) -> ArrayRecord:
         if self.state.rounds_done > 0:
@@ -102,6 +110,8 @@ class FederatedRun:
         rounds = self.cfg.federation.rounds
         arrays = self.initial_arrays()
         threshold = self.last_evaluated().get("threshold")  # a resumed run may stop after an unevaluated round
+        if self.expected_sites:
+            self.await_sites(self.expected_sites)
         for rnd in range(self.state.rounds_done + 1, rounds + 1):
             log.info("round %d/%d: training", rnd, rounds)
             started = time.monotonic()
@@ -129,6 +139,29 @@ class FederatedRun:
                               reference=reference_images(self.cfg))
         tracker.log_figures(report_figures(report), rounds)
         log.info("run %s complete: %s", self.state.run_id, self.run_dir)
+
+    def await_sites(self, expected: int, timeout_s: float = SITE_WAIT_S, poll_s: float = 0.2) -> int:
+        """Wait (at most ``timeout_s``) until ``expected`` sites are connected; return how many are.
+
+        Flower's Simulation Runtime starts the ServerApp while it is still
+        registering the virtual nodes, and a strategy samples the nodes
+        connected once ``federation.min_sites`` are: at 1,000 sites, round 1
+        trained 251 of them. Past the timeout the run goes on with the sites
+        there are, and says so.
+        """
+        started = last_log = time.monotonic()
+        while (connected := len(list(self.grid.get_node_ids()))) < expected:
+            now = time.monotonic()
+            if now - started >= timeout_s:
+                log.warning("only %d of %d sites registered after %.0f s; training starts with them",
+                            connected, expected, now - started)
+                return connected
+            if now - last_log >= SITE_WAIT_LOG_S:
+                log.info("waiting for the sites to register: %d of %d", connected, expected)
+                last_log = now
+            time.sleep(poll_s)
+        log.info("%d of %d sites registered", connected, expected)
+        return connected
 
     # -- one round --------------------------------------------------------------
     def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:

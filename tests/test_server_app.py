@@ -171,3 +171,48 @@ def test_evaluation_every_n_rounds_and_always_in_the_last(tiny_cfg, tmp_path):
     assert all(evaluates(r, 4, 1) for r in range(1, 5))
     page = (tmp_path / "run" / "report.html").read_text()
     assert 'alt="AUROC per round"' in page
+
+
+class ArrivingNodes:
+    """A grid whose nodes register a few at a time, as Flower's Simulation Runtime registers them
+    while the ServerApp already runs."""
+
+    def __init__(self, total: int, per_call: int, stop_at: int | None = None):
+        self.total, self.per_call, self.stop_at, self.connected = total, per_call, stop_at, 0
+
+    def get_node_ids(self):
+        cap = self.total if self.stop_at is None else self.stop_at
+        self.connected = min(cap, self.connected + self.per_call)
+        return list(range(1, self.connected + 1))
+
+
+def _sampling_run(tiny_cfg, tmp_path, grid, **kwargs):
+    seen = []
+
+    class Run(FederatedRun):  # training records how many sites a strategy could sample from
+        def train_round(self, rnd, arrays):
+            seen.append(self.grid.connected)
+            return arrays, {"train_loss": 0.1, "sites": {}}
+
+        def evaluate_round(self, rnd, arrays, threshold):
+            return {}
+
+    Run(grid=grid, cfg=tiny_cfg, run_dir=tmp_path / "run", **kwargs).run()
+    return seen
+
+
+def test_in_simulation_round_1_samples_only_once_every_site_has_registered(tiny_cfg, tmp_path):
+    grid = ArrivingNodes(total=50, per_call=7)
+    assert _sampling_run(tiny_cfg, tmp_path, grid, expected_sites=50)[0] == 50
+    # Without the key (a deployment: sites join when they join) nothing waits: round 1 starts with
+    # the sites there are, here none were even asked for.
+    grid = ArrivingNodes(total=50, per_call=7)
+    assert _sampling_run(tiny_cfg, tmp_path / "deployed", grid)[0] == 0
+
+
+def test_sites_that_never_register_delay_round_1_only_up_to_the_timeout(tiny_cfg, tmp_path, caplog):
+    grid = ArrivingNodes(total=5, per_call=1, stop_at=3)
+    run = FederatedRun(grid=grid, cfg=tiny_cfg, run_dir=tmp_path / "run", expected_sites=5)
+    with caplog.at_level("WARNING", logger="medae.server"):
+        assert run.await_sites(5, timeout_s=0.3, poll_s=0.01) == 3
+    assert "only 3 of 5 sites registered" in caplog.text

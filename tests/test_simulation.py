@@ -52,6 +52,8 @@ def test_output_to_a_pipe_is_plain_text_without_flower_noise(simulated):
     _, first, _ = simulated
     output = first["output"]
     assert "round 1/1 done" in output and "image AUROC" in output
+    # Round 1 sampled only once every virtual site had registered (`FederatedRun.await_sites`).
+    assert output.index("3 of 3 sites registered") < output.index("round 1/1: training")
     assert "\x1b" not in output  # no colour codes, Ray's "[repeated Nx]" notes included
     assert "Ray deduplicates logs" not in output and "Manually terminating" not in output
     assert "benchmark site-" not in output  # the report's stray data summary
