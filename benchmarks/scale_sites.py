@@ -160,15 +160,15 @@ def plot(results: list[dict], path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     rows = ["| sites | image cache | exit | writer s | wall s | outside rounds s | train s / round | eval s / round | "
-            "peak PSS GiB | peak RSS sum GiB | sites not ok | report kB |",
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "peak PSS GiB | peak RSS sum GiB | sites trained per round | sites not ok | report kB |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         last = (r.get("per_round") or [{}])[-1]
         not_ok = sum(len(p["not_ok"]) for p in r.get("per_round", []))
         rows.append(f"| {r['sites']} | {'on' if r.get('image_cache') else 'off'} | {r['exit_code']} | {r['benchmark_write_s']:.0f} | {r['wall_s']:.0f} | "
                     f"{r.get('outside_rounds_s', float('nan')):.0f} | {last.get('train_s') or float('nan'):.1f} | "
                     f"{last.get('eval_s') or float('nan'):.1f} | {r['peak_pss_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
-                    f"{not_ok} | {r.get('report_html_kib') or float('nan'):.0f} |")
+                    f"{', '.join(str(p['ok']) for p in r.get('per_round', []))} | {not_ok} | {r.get('report_html_kib') or float('nan'):.0f} |")
     return "\n".join(rows)
 
 

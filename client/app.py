@@ -167,12 +167,16 @@ def _evaluate(msg: Message, context: Context) -> Message:
     name, trainer, cfg = open_site(context, for_training=False)
     config = msg.content["config"]
     threshold = float(config[c.ROUND_THRESHOLD]) if c.ROUND_THRESHOLD in config else None
-    result = trainer.evaluate(msg.content["arrays"].to_torch_state_dict(), threshold)
-    metrics: dict = {
-        "num-examples": result.num_val,
-        "val-loss": result.val_loss,
-        c.histogram_key("healthy"): _counts(score_histogram(result.healthy_scores)),
-    }
+    part = str(config.get(c.ROUND_EVALUATE, ""))
+    if part not in ("", c.EVALUATE_VALIDATION, c.EVALUATE_TEST):
+        raise ValueError(f"unknown evaluation part {part!r}")
+    with_val, with_test = part != c.EVALUATE_TEST, part != c.EVALUATE_VALIDATION
+    result = trainer.evaluate(msg.content["arrays"].to_torch_state_dict(), threshold,
+                              with_test=with_test, with_val=with_val)
+    metrics: dict = {"num-examples": result.num_val}
+    if with_val:
+        metrics["val-loss"] = result.val_loss
+        metrics[c.histogram_key("healthy")] = _counts(score_histogram(result.healthy_scores))
     for histogram, counts in result.test_histograms.items():
         metrics[c.histogram_key(histogram)] = _counts(counts)
     for metric in c.EXACT_METRICS:

@@ -46,6 +46,11 @@ ROUND_RUN_ID = "run-id"
 ROUND_ROUNDS_LEFT = "rounds-left"
 ROUND_PROXIMAL_MU = "proximal-mu"
 ROUND_THRESHOLD = "threshold"  # evaluation at the pooled threshold of the previous round
+# Which half of an evaluation a site runs; absent: both. The last round asks for the validation
+# half (the healthy-score histograms that set the threshold), then for the test half at that
+# threshold, instead of evaluating twice (`server.app.FederatedRun.evaluate_last_round`).
+ROUND_EVALUATE = "evaluate"
+EVALUATE_VALIDATION, EVALUATE_TEST = "validation", "test"
 
 # -- replies (site -> ServerApp): all that may leave a site besides the weights --
 TRAIN_METRICS = (

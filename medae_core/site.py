@@ -260,13 +260,18 @@ class SiteTrainer:
         return model.to(self.device).eval()
 
     def evaluate(
-        self, state_dict: dict[str, torch.Tensor], threshold: float | None = None, with_test: bool = True
+        self, state_dict: dict[str, torch.Tensor], threshold: float | None = None, with_test: bool = True,
+        with_val: bool = True,
     ) -> EvalResult:
+        """The validation loss and healthy scores (``with_val``), and the test metrics at ``threshold`` (``with_test``)."""
         model = self.model(state_dict)
-        cond = self.data.val_cond if model.conditional else None
-        val_loss = evaluate_loss(model, self.data.val_images, self.device, self.cfg.train.batch_size, cond=cond)
-        _, healthy = scoring.anomaly_maps(model, self.data.val_images, self.cfg.scoring, self.device, cond=cond)
-        result = EvalResult(val_loss=float(val_loss), num_val=len(self.data.val_images), healthy_scores=healthy)
+        result = EvalResult(val_loss=float("nan"), num_val=len(self.data.val_images), healthy_scores=np.zeros(0))
+        if with_val:
+            cond = self.data.val_cond if model.conditional else None
+            result.val_loss = float(evaluate_loss(model, self.data.val_images, self.device,
+                                                  self.cfg.train.batch_size, cond=cond))
+            _, result.healthy_scores = scoring.anomaly_maps(model, self.data.val_images, self.cfg.scoring,
+                                                            self.device, cond=cond)
         test = LabelledSet.of(self.data.test) if with_test else None
         if test is not None:
             result.test, result.test_histograms = evaluate_site(model, test, self.cfg, self.device, threshold)

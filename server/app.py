@@ -9,7 +9,8 @@ Each round: sites train (replies: weights, loss, ε) → check every reply
 (`medae_core.federated.check_update`, `RunState.check_epsilon`; a failing one
 is left out of the round with its reason) → aggregate → sites
 evaluate the new global model (replies: validation loss, histogram counts,
-test metrics) → pool the histograms into a threshold and pooled metrics →
+test metrics; in the last round first the validation half, then the test half
+at the threshold it set) → pool the histograms into a threshold and pooled metrics →
 save ``RUN/model/`` (the bundle `medae score` reads), ``RUN/state.json`` and
 ``RUN/metrics.json``. After the last round: ``RUN/report.html``.
 
@@ -121,7 +122,8 @@ class FederatedRun:
             if evaluates(rnd, rounds, self.cfg.federation.evaluate_every):
                 log.info("round %d/%d: evaluating", rnd, rounds)
                 started = time.monotonic()
-                eval_record = self.evaluate_round(rnd, arrays, threshold)
+                eval_record = (self.evaluate_round(rnd, arrays, threshold) if rnd < rounds
+                               else self.evaluate_last_round(rnd, arrays, threshold))
                 timing["eval_seconds"] = time.monotonic() - started
                 threshold = eval_record.get("threshold", threshold)
             record = {"round": rnd, **train_record, **eval_record, **timing}
@@ -130,11 +132,6 @@ class FederatedRun:
             self.save(arrays, threshold)
             tracker.log_round(record)
             log.info("round %d/%d done: %s", rnd, rounds, round_summary(record))
-        if threshold is not None and self.state.rounds:
-            # Final pass at the final threshold: Dice and decisions at that threshold.
-            final = self.evaluate_round(rounds, arrays, threshold)
-            self.state.rounds[-1]["final"] = final
-            self.save(arrays, threshold)
         report = write_report(self.run_dir, self.metrics(), load_bundle(self.run_dir / "model"),
                               reference=reference_images(self.cfg))
         tracker.log_figures(report_figures(report), rounds)
@@ -179,23 +176,51 @@ class FederatedRun:
         loss = float(np.average([s["loss"] for s in ok], weights=weights)) if ok and weights.sum() else None
         return new_arrays, {"train_loss": loss, "sites": sites}
 
-    def evaluate_round(self, rnd: int, arrays: ArrayRecord, threshold: float | None) -> dict:
-        config = ConfigRecord({} if threshold is None else {c.ROUND_THRESHOLD: float(threshold)})
+    def evaluate_round(self, rnd: int, arrays: ArrayRecord, threshold: float | None, part: str = "") -> dict:
+        """One evaluation of the global model: its validation loss and threshold, and test metrics at ``threshold``.
+
+        ``part``: only the validation half (`c.EVALUATE_VALIDATION`) or the test half (`c.EVALUATE_TEST`).
+        """
+        values = {} if threshold is None else {c.ROUND_THRESHOLD: float(threshold)}
+        config = ConfigRecord(values | ({c.ROUND_EVALUATE: part} if part else {}))
         messages = self.strategy.configure_evaluate(rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
-        sites, _ = self.site_records(replies, train=False, threshold=threshold)
+        sites, _ = self.site_records(replies, train=False, threshold=threshold, part=part)
         ok = [s for s in sites.values() if s["status"] == "ok"]
         pooled = pool_evaluations(
             [s.pop("histograms") for s in ok], self.cfg.scoring.threshold_percentile, threshold
         )
-        weights = np.array([s["num_val"] for s in ok], dtype=float)
-        val_loss = float(np.average([s["val_loss"] for s in ok], weights=weights)) if ok and weights.sum() else None
+        with_loss = [s for s in ok if s["val_loss"] is not None]
+        weights = np.array([s["num_val"] for s in with_loss], dtype=float)
+        val_loss = (float(np.average([s["val_loss"] for s in with_loss], weights=weights))
+                    if with_loss and weights.sum() else None)
         record = {"val_loss": val_loss, "eval_sites": sites, **pooled}
+        return record
+
+    def evaluate_last_round(self, rnd: int, arrays: ArrayRecord, threshold: float | None) -> dict:
+        """The last evaluation: the threshold from the sites' validation halves, then their test halves at it.
+
+        The decisions and Dice the run reports are at the model's own final
+        threshold, and every site evaluates each image once.
+        """
+        val = self.evaluate_round(rnd, arrays, threshold, part=c.EVALUATE_VALIDATION)
+        final_threshold = val.get("threshold", threshold)
+        test = self.evaluate_round(rnd, arrays, final_threshold, part=c.EVALUATE_TEST)
+        sites = {}
+        for name in dict.fromkeys([*val["eval_sites"], *test["eval_sites"]]):
+            v, t = val["eval_sites"].get(name), test["eval_sites"].get(name)
+            if v is None or t is None or v["status"] != "ok" or t["status"] != "ok":
+                sites[name] = v if v is not None and v["status"] != "ok" or t is None else t
+            else:
+                sites[name] = {**t, "val_loss": v["val_loss"]}
+        record = {k: v for k, v in test.items() if k not in ("val_loss", "threshold", "n_healthy")}
+        record |= {"val_loss": val["val_loss"], "eval_sites": sites}
+        record |= {k: val[k] for k in ("threshold", "n_healthy") if k in val}
         return record
 
     def site_records(
         self, replies: list[Message], train: bool, global_arrays: ArrayRecord | None = None,
-        threshold: float | None = None,
+        threshold: float | None = None, part: str = "",
     ) -> tuple[dict[str, dict], list[Message]]:
         """Per-site view of the replies, and the replies whose content may be used.
 
@@ -219,7 +244,7 @@ class FederatedRun:
                 if name in records:
                     raise RejectedReply(name, "a second reply from this site in one round")
                 record = (self.train_record(name, reply, global_state) if train
-                          else self.eval_record(name, reply, threshold))
+                          else self.eval_record(name, reply, threshold, part))
             except RejectedReply as exc:
                 key = exc.site if exc.site not in records else f"{exc.site} (node {node})"  # keep the first
                 records[key] = {"status": "rejected", "reason": f"site {exc.site}: update rejected: {exc}"}
@@ -288,10 +313,13 @@ class FederatedRun:
         }
         return record
 
-    def eval_record(self, name: str, reply: Message, threshold: float | None = None) -> dict:
+    def eval_record(self, name: str, reply: Message, threshold: float | None = None, part: str = "") -> dict:
         hist, test = c.split_eval_metrics(dict(reply.content["metrics"]))
-        if "healthy" not in hist:
+        if part != c.EVALUATE_TEST and "healthy" not in hist:
             raise RejectedReply(name, "it has no healthy-score histogram")
+        if part == c.EVALUATE_TEST:  # the test half only: its threshold came from the validation half
+            hist.pop("healthy", None)
+            test.pop("val_loss", None)
         for key, counts in hist.items():
             values = np.asarray(counts)
             if values.shape != (N_SCORE_BINS,) or not np.all(np.isfinite(values)) or np.any(values < 0):
@@ -300,7 +328,7 @@ class FederatedRun:
             test.update(rates_at_threshold(hist["image_pos"], hist["image_neg"], threshold))
         record = {
             "status": "ok",
-            "val_loss": float(test.pop("val_loss")),
+            "val_loss": float(test.pop("val_loss")) if part != c.EVALUATE_TEST else None,
             "num_val": int(test.pop("num_examples")),
             "test": test,
             "histograms": hist,

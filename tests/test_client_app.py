@@ -102,6 +102,23 @@ def test_train_and_evaluate_replies_carry_only_whitelisted_content(tiny_benchmar
     assert reply.content["site"]["site"] == "hospital-a"  # the evaluate reply names its site too
     assert sum(reply.content["metrics"]["healthy-hist"]) == reply.content["metrics"]["num-examples"]
 
+    # The last round's two halves: validation only (the threshold's histograms), then test only.
+    val = app(_message(tiny_cfg, MessageType.EVALUATE, {"server-round": 2, "evaluate": "validation"}), ctx)
+    _check_reply(val, tiny_cfg, EVAL_METRICS, site, with_arrays=False)
+    keys = set(val.content["metrics"].keys())
+    assert {"val-loss", "healthy-hist"} <= keys and not any(k.startswith("image-") for k in keys)
+    test = app(_message(tiny_cfg, MessageType.EVALUATE, {"server-round": 2, "evaluate": "test",
+                                                         "threshold": 0.05}), ctx)
+    _check_reply(test, tiny_cfg, EVAL_METRICS, site, with_arrays=False)
+    keys = set(test.content["metrics"].keys())
+    assert {"image-pos-hist", "image-auroc", "dice-at-threshold"} <= keys
+    assert not {"val-loss", "healthy-hist"} & keys
+    whole = reply.content["metrics"]
+    assert test.content["metrics"]["image-pos-hist"] == whole["image-pos-hist"]  # the same model, the same scores
+    assert val.content["metrics"]["healthy-hist"] == whole["healthy-hist"]
+    odd = app(_message(tiny_cfg, MessageType.EVALUATE, {"server-round": 2, "evaluate": "everything"}), ctx)
+    assert odd.has_error() and "hospital-a" in odd.error.reason
+
 
 @pytest.mark.slow
 def test_epsilon_continues_across_client_restarts(tiny_benchmark, tiny_cfg, tmp_path):

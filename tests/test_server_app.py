@@ -136,6 +136,16 @@ def test_an_evaluation_with_malformed_histograms_is_rejected(run):
 
     ok, _ = run.site_records([reply([0] * N_SCORE_BINS)], train=False)
     assert ok["site-1"]["status"] == "ok"
+    # A test half has no healthy histogram and no validation loss; a whole evaluation must have both.
+    metrics = MetricRecord({"num-examples": 5, "image-pos-hist": [0] * N_SCORE_BINS,
+                            "image-neg-hist": [1] * N_SCORE_BINS})
+    site = ConfigRecord({"site": "site-1", "privacy-unit": "patient"})
+    half = Message(RecordDict({"metrics": metrics, "site": site}), reply_to=query)
+    records, accepted = run.site_records([half], train=False, threshold=0.5, part="test")
+    assert accepted and records["site-1"]["val_loss"] is None and "image_auroc" not in records["site-1"]["test"]
+    assert records["site-1"]["test"]["specificity"] is not None  # rates at the threshold it was sent
+    records, accepted = run.site_records([half], train=False)
+    assert not accepted and "healthy" in records["site-1"]["reason"]
     for counts in ([1, 2, 3], [-1] * N_SCORE_BINS):
         records, accepted = run.site_records([reply(counts)], train=False)
         assert not accepted and records["site-1"]["status"] == "rejected"
@@ -152,15 +162,21 @@ def test_evaluation_every_n_rounds_and_always_in_the_last(tiny_cfg, tmp_path):
         def train_round(self, rnd, arrays):
             return arrays, {"train_loss": 0.1, "sites": {}}
 
-        def evaluate_round(self, rnd, arrays, threshold):
-            calls.append((rnd, threshold))
-            return {"val_loss": 0.2, "threshold": 0.01 * len(calls), "n_healthy": 40, "eval_sites": {},
-                    "test": {"image_auroc": 0.7}, "baseline": {"image_auroc": 0.6}}
+        def evaluate_round(self, rnd, arrays, threshold, part=""):
+            calls.append((rnd, threshold, part))
+            val = {"val_loss": 0.2, "threshold": 0.01 * len(calls), "n_healthy": 40}
+            test = {"test": {"image_auroc": 0.7, "at": threshold}, "baseline": {"image_auroc": 0.6}}
+            halves = {"": val | test, "validation": val, "test": {"val_loss": None} | test}
+            return halves[part] | {"eval_sites": {}}
 
     run = Run(grid=None, cfg=cfg, run_dir=tmp_path / "run")
     run.run()
-    # Rounds 2 and 4 by the rule, 5 as the last, then the final pass at round 5's threshold.
-    assert calls == [(2, None), (4, 0.01), (5, 0.02), (5, 0.03)]
+    # Rounds 2 and 4 by the rule; 5 as the last: its validation half, then its test half at the
+    # threshold that half set. Every site evaluates each image once.
+    assert calls == [(2, None, ""), (4, 0.01, ""), (5, 0.02, "validation"), (5, 0.03, "test")]
+    last = run.metrics()
+    assert last["threshold"] == pytest.approx(0.03) and last["test"]["at"] == pytest.approx(0.03)
+    assert last["rounds"][-1]["val_loss"] == 0.2
     rounds = run.metrics()["rounds"]
     assert [("test" in r) for r in rounds] == [False, True, False, True, True]
     assert [("eval_seconds" in r) for r in rounds] == [False, True, False, True, True]
@@ -194,8 +210,8 @@ def _sampling_run(tiny_cfg, tmp_path, grid, **kwargs):
             seen.append(self.grid.connected)
             return arrays, {"train_loss": 0.1, "sites": {}}
 
-        def evaluate_round(self, rnd, arrays, threshold):
-            return {}
+        def evaluate_round(self, rnd, arrays, threshold, part=""):
+            return {"val_loss": None, "eval_sites": {}}
 
     Run(grid=grid, cfg=tiny_cfg, run_dir=tmp_path / "run", **kwargs).run()
     return seen
@@ -216,3 +232,49 @@ def test_sites_that_never_register_delay_round_1_only_up_to_the_timeout(tiny_cfg
     with caplog.at_level("WARNING", logger="medae.server"):
         assert run.await_sites(5, timeout_s=0.3, poll_s=0.01) == 3
     assert "only 3 of 5 sites registered" in caplog.text
+
+
+class EvaluatingSites:
+    """A grid of two sites that answer evaluations as medae's ClientApp does; site-2 fails its test half."""
+
+    def __init__(self):
+        self.configs = []
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            config = dict(msg.content["config"])
+            self.configs.append(config)
+            part, site = config.get("evaluate", ""), f"site-{msg.metadata.dst_node_id}"
+            if part == "test" and site == "site-2":
+                replies.append(Message(Error(3, f"site {site}: failed: internal error"), reply_to=msg))
+                continue
+            values = {"num-examples": 5}
+            if part != "test":
+                values |= {"val-loss": 0.1 * msg.metadata.dst_node_id, "healthy-hist": [0] * 10 + [5] + [0] * (N_SCORE_BINS - 11)}
+            if part != "validation":
+                values |= {"image-pos-hist": [0] * 50 + [3] + [0] * (N_SCORE_BINS - 51),
+                           "image-neg-hist": [0] * 5 + [4] + [0] * (N_SCORE_BINS - 6), "image-auroc": 1.0}
+            content = RecordDict({"metrics": MetricRecord(values),
+                                  "site": ConfigRecord({"site": site, "privacy-unit": "patient"})})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def test_the_last_round_tests_at_the_threshold_its_own_validation_set(tiny_cfg, tmp_path):
+    grid = EvaluatingSites()
+    run = FederatedRun(grid=grid, cfg=tiny_cfg, run_dir=tmp_path / "run")
+    record = run.evaluate_last_round(3, global_arrays(tiny_cfg), threshold=0.9)
+    validation, test = grid.configs[:2], grid.configs[2:]
+    assert [c["evaluate"] for c in validation] == ["validation"] * 2 and validation[0]["threshold"] == 0.9
+    assert [c["evaluate"] for c in test] == ["test"] * 2
+    assert test[0]["threshold"] == pytest.approx(record["threshold"]) != 0.9  # the new one, from the healthy scores
+    assert record["val_loss"] == pytest.approx(0.15) and record["n_healthy"] == 10
+    assert record["test"]["image_auroc"] == 1.0 and record["test"]["n_images"] == 7  # site-1's test half alone
+    sites = record["eval_sites"]
+    assert sites["site-1"]["status"] == "ok" and sites["site-1"]["val_loss"] == pytest.approx(0.1)
+    assert sites["site-1"]["test"]["image_auroc"] == 1.0
+    assert sites["site-2"]["status"] == "refused"  # its failed test half, not its good validation half
