@@ -119,7 +119,8 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
         check_ledger_location(ledger_path, data_path)
         ledger = PrivacyLedger.for_config(cfg.privacy, site=name, path=ledger_path)
     data = load_site_data(data_path, cfg, name=name)
-    return name, SiteTrainer(data, cfg, ledger), cfg
+    # A deployed site warns in its own log; simulated sites leave it to the ServerApp's one line for all.
+    return name, SiteTrainer(data, cfg, ledger, warn_noise=c.NODE_DATA_PATH in context.node_config), cfg
 
 
 # -- message handlers ---------------------------------------------------------

@@ -126,6 +126,15 @@ def noise_to_signal(sigma: float, trained_parameters: int, expected_batch: int, 
     return float(sigma * trained_parameters**0.5 / (max(expected_batch, 1) * max(total_steps, 1) ** 0.5))
 
 
+def noise_advice(cfg: RunConfig) -> str:
+    """What a noise-to-signal ratio above `NOISE_TO_SIGNAL_WARNING` means for this run, and what lowers it."""
+    random_start = cfg.train.init.strip().lower() in ("", "none", "scratch")
+    consequence = ("DP-SGD will learn little from a random start: start from a public model (train.init)"
+                   if random_start else "private fine-tuning can move the public start only a little")
+    return (f"{consequence}. More {cfg.privacy.unit}s per site, fewer trained parameters (train.trainable) "
+            "or a larger budget lower it.")
+
+
 @dataclass
 class EvalResult:
     val_loss: float
@@ -144,13 +153,18 @@ def reproducible_noise_seed(cfg: RunConfig, site: str, server_round: int) -> int
 class SiteTrainer:
     """Trains and evaluates the shared model on one site's data."""
 
-    def __init__(self, data: SiteData, cfg: RunConfig, ledger: PrivacyLedger | None):
+    def __init__(self, data: SiteData, cfg: RunConfig, ledger: PrivacyLedger | None, warn_noise: bool = True):
+        """``warn_noise``: log the noise-dominated-regime warning (`NOISE_TO_SIGNAL_WARNING`) itself.
+
+        A simulated site leaves it to the ServerApp, which sums it up over all sites in one line.
+        """
         if not cfg.privacy.enabled:
             # Without DP there is no privacy unit to protect: an epoch is every image.
             cfg = cfg.with_overrides({"privacy.unit": "image"})
         self.data = data
         self.cfg = cfg
         self.ledger = ledger
+        self.warn_noise = warn_noise
         self.device = resolve_device(cfg.train.device)
 
     # -- training ------------------------------------------------------------
@@ -209,16 +223,10 @@ class SiteTrainer:
             epsilon = entry["epsilon_after"]  # ε with this round, computed under the ledger's lock
             run_rounds = server_round + max(rounds_left, 1) - 1  # the whole run, not what is left of it
             ratio = noise_to_signal(sigma, trained, plan.expected_batch_size, plan.steps * run_rounds)
-            if ratio > NOISE_TO_SIGNAL_WARNING and server_round == 1:  # once per run; every round reports it
-                random_start = cfg.train.init.strip().lower() in ("", "none", "scratch")
-                consequence = ("DP-SGD will learn little from a random start: start from a public model "
-                               "(train.init)" if random_start else
-                               "private fine-tuning can move the public start only a little")
-                log.warning(
-                    "site %s: DP noise is %.1f× the clipped signal (%d %ss, %d trained parameters, σ=%.2f); "
-                    "%s. More %ss per site, fewer trained parameters (train.trainable) or a larger budget "
-                    "lower it.", self.data.name, ratio, n_units, cfg.privacy.unit, trained, sigma, consequence,
-                    cfg.privacy.unit)
+            if self.warn_noise and ratio > NOISE_TO_SIGNAL_WARNING and server_round == 1:  # once per run
+                log.warning("site %s: DP noise is %.1f× the clipped signal (%d %ss, %d trained parameters, "
+                            "σ=%.2f); %s", self.data.name, ratio, n_units, cfg.privacy.unit, trained, sigma,
+                            noise_advice(cfg))
         result = train(
             model,
             images,

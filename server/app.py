@@ -44,6 +44,7 @@ from medae_core.models import build_model
 from medae_core.starts import initial_weights
 from medae_core.report import reference_images, report_figures, round_summary, write_metrics, write_report
 from medae_core.scoring import N_SCORE_BINS
+from medae_core.site import NOISE_TO_SIGNAL_WARNING, noise_advice
 from medae_core.tracking import RunTracker
 from server.strategy import build_strategy
 
@@ -68,6 +69,23 @@ def main(grid: Grid, context: Context) -> None:
 def evaluates(rnd: int, rounds: int, every: int) -> bool:
     """Whether round ``rnd`` of ``rounds`` evaluates the global model: every ``every`` rounds, and always the last."""
     return rnd == rounds or rnd % every == 0
+
+
+def warn_noisy_sites(sites: dict[str, dict], cfg: RunConfig) -> list[str]:
+    """One warning for every site whose DP noise outweighs its clipped signal (each reply's ``noise_to_signal``).
+
+    Returns those sites, noisiest first. At 1,000 simulated sites this is one line, not 1,000.
+    """
+    noisy = sorted(((s["noise_to_signal"], name) for name, s in sites.items()
+                    if s.get("status") == "ok" and (s.get("noise_to_signal") or 0.0) > NOISE_TO_SIGNAL_WARNING),
+                   reverse=True)
+    if noisy:
+        low, high = noisy[-1][0], noisy[0][0]
+        spread = f"{high:.1f}×" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}–{high:.1f}×"
+        named = ", ".join(name for _, name in noisy[:3]) + (f" and {len(noisy) - 3} more" if len(noisy) > 3 else "")
+        log.warning("DP noise is %s the clipped signal at %d of %d sites (%s); %s", spread, len(noisy),
+                    len(sites), named, noise_advice(cfg))
+    return [name for _, name in noisy]
 
 
 class FederatedRun:
@@ -167,6 +185,8 @@ class FederatedRun:
         messages = self.strategy.configure_train(rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
         sites, accepted = self.site_records(replies, train=True, global_arrays=arrays)
+        if rnd == 1:
+            warn_noisy_sites(sites, self.cfg)
         new_arrays, _ = self.strategy.aggregate_train(rnd, accepted) if accepted else (None, None)
         if new_arrays is None:
             log.warning("round %d: no site trained; the global model is unchanged", rnd)

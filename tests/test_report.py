@@ -60,6 +60,12 @@ def test_a_site_in_the_noise_dominated_regime_is_warned(tiny_benchmark, tiny_cfg
         result = SiteTrainer(data, cfg, ledger).train_round(None, run_id="r", server_round=1)
     assert result.noise_to_signal > NOISE_TO_SIGNAL_WARNING
     assert "DP noise is" in caplog.text and "from a random start" in caplog.text
+    # A simulated site leaves the warning to the ServerApp (`server.app.warn_noisy_sites`).
+    caplog.clear()
+    ledger = PrivacyLedger.for_config(cfg.privacy, site=data.name, path=tmp_path / "l2.jsonl")
+    with caplog.at_level(logging.WARNING, logger="medae_core.site"):
+        SiteTrainer(data, cfg, ledger, warn_noise=False).train_round(None, run_id="r", server_round=1)
+    assert "DP noise is" not in caplog.text
 
 
 def _run_metrics(model_auroc_bins: int, cfg) -> dict:

@@ -278,3 +278,18 @@ def test_the_last_round_tests_at_the_threshold_its_own_validation_set(tiny_cfg, 
     assert sites["site-1"]["status"] == "ok" and sites["site-1"]["val_loss"] == pytest.approx(0.1)
     assert sites["site-1"]["test"]["image_auroc"] == 1.0
     assert sites["site-2"]["status"] == "refused"  # its failed test half, not its good validation half
+
+
+def test_one_line_warns_of_every_site_whose_noise_outweighs_its_signal(tiny_cfg, caplog):
+    from server.app import warn_noisy_sites
+
+    sites = {f"site-{k}": {"status": "ok", "noise_to_signal": ratio}
+             for k, ratio in enumerate([0.5, 3.0, 47.6, 2.0, 1.5, None], start=1)}
+    sites["site-7"] = {"status": "refused", "reason": "budget"}
+    with caplog.at_level("WARNING", logger="medae.server"):
+        assert warn_noisy_sites(sites, tiny_cfg) == ["site-3", "site-2", "site-4", "site-5"]
+    assert len(caplog.records) == 1
+    assert "1.5–47.6× the clipped signal at 4 of 7 sites (site-3, site-2, site-4 and 1 more)" in caplog.text
+    caplog.clear()
+    assert warn_noisy_sites({"site-1": {"status": "ok", "noise_to_signal": 0.9}}, tiny_cfg) == []
+    assert not caplog.records
