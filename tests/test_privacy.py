@@ -553,3 +553,39 @@ def test_rdp_skips_the_fractional_orders_that_cannot_hold_the_minimum():
     opacus = RDPAccountant()
     opacus.history = list(merged)
     assert opacus.get_privacy_spent(delta=DELTA)[1] in kept  # Opacus' minimising order is among those kept
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_a_later_round_of_an_unchanged_plan_calibrates_to_the_same_sigma_without_a_search(tmp_path, accountant):
+    """Round 2 of a 3-round plan: the σ of round 1 fits the same composition; it is checked once, not searched."""
+    from medae_core.privacy import accounting
+
+    ledger = open_ledger(tmp_path / "site.jsonl", budget_epsilon=8.0, accountant=accountant)
+    q, steps = 16 / 51, 16
+    first = ledger.calibrate(q, steps * 3)
+    ledger.reserve(first, q, steps, run_id="run-1", round=1, unit="patient")
+    asked = []
+    real = accounting._epsilon_function
+
+    def spy(*args):
+        of = real(*args)
+        return lambda sigma: asked.append(sigma) or of(sigma)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(accounting, "_epsilon_function", spy)
+        second = ledger.calibrate(q, steps * 2)
+    assert second == first and asked == [first]
+    ledger.reserve(second, q, steps, run_id="run-1", round=2, unit="patient")
+    ledger.reserve(ledger.calibrate(q, steps), q, steps, run_id="run-1", round=3, unit="patient")
+    assert 8.0 * (1 - accounting.CALIBRATION_SLACK) <= ledger.epsilon() <= 8.0
+
+
+def test_a_hint_outside_the_band_is_ignored_and_never_overspends():
+    from medae_core.privacy import accounting
+
+    searched = calibrate_noise(8.0, DELTA, 0.3, 40, "pld")
+    for hint in (searched * 0.5, searched * 3.0, 1e-9, float("nan"), 1e9):
+        sigma = calibrate_noise(8.0, DELTA, 0.3, 40, "pld", hint=hint)
+        assert sigma == searched
+        assert compute_epsilon([(sigma, 0.3, 40)], DELTA, "pld") <= 8.0
+    assert 8.0 * (1 - accounting.CALIBRATION_SLACK) <= compute_epsilon([(searched, 0.3, 40)], DELTA, "pld") <= 8.0

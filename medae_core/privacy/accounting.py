@@ -44,6 +44,7 @@ PRV_MIN_DELTA = 1e-10
 MAX_SIGMA = 1e6
 # calibrate_noise aims for ε in [budget * (1 - CALIBRATION_SLACK), budget].
 CALIBRATION_SLACK = 0.005
+MIN_HINT = 1e-3  # the smallest σ the search itself returns (an absurdly large budget)
 
 
 
@@ -215,6 +216,7 @@ def calibrate_noise(
     steps: int,
     accountant: Accountant = "rdp",
     already_spent_history: Iterable[Sequence[float]] = (),
+    hint: float | None = None,
 ) -> float:
     """The smallest noise multiplier σ, to within 0.5 % of the budget, for one more run.
 
@@ -225,6 +227,11 @@ def calibrate_noise(
 
     To plan several federated rounds at one σ, pass the steps of all the rounds
     still to come; reserving each round at that σ then stays within budget.
+
+    ``hint``: a σ to try first, returned if its ε is in the band. The σ a site
+    calibrated for its last round is: the plan it was calibrated for, less the
+    round since spent, is the same composition, so the same ε (one evaluation,
+    usually memoised, instead of a search).
 
     Opacus' ``get_noise_multiplier`` is not used: it takes no history that was
     already spent, its bisection has no iteration cap, and it needs ~15 ε
@@ -249,7 +256,10 @@ def calibrate_noise(
         )
     epsilon_of = _epsilon_function(prior, delta, accountant, sample_rate, steps)
 
-    if accountant == "pld":
+    if hint is not None and math.isfinite(hint) and MIN_HINT <= hint <= MAX_SIGMA and (
+            budget_epsilon * (1 - CALIBRATION_SLACK) <= epsilon_of(float(hint)) <= budget_epsilon):
+        sigma = float(hint)
+    elif accountant == "pld":
         # Search on the coarse PLD, then start the exact search there with a narrow bracket: the
         # coarse σ usually lands in the exact band at once (one exact evaluation instead of ~6).
         # Coarse PLD is the more pessimistic, so it aims at the band's top quarter.

@@ -250,9 +250,11 @@ class PrivacyLedger:
     def calibrate(self, sample_rate: float, steps: int) -> float:
         """`calibrate_noise` against this ledger's budget, δ, accountant and history."""
         records = self._load()
-        return calibrate_noise(
-            _budget(records), records[0]["delta"], sample_rate, steps, records[0]["accountant"], _history(records)
-        )
+        # The σ of the last round at this sample rate: an unchanged plan calibrates to it again.
+        hint = next((e["noise_multiplier"] for e in reversed(records[1:])
+                     if e["kind"] == "reservation" and e["sample_rate"] == sample_rate), None)
+        return calibrate_noise(_budget(records), records[0]["delta"], sample_rate, steps, records[0]["accountant"],
+                               _history(records), hint=hint)
 
     # -- writing ------------------------------------------------------------------
     def reserve(
