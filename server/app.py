@@ -229,10 +229,10 @@ class FederatedRun:
         sites = {}
         for name in dict.fromkeys([*val["eval_sites"], *test["eval_sites"]]):
             v, t = val["eval_sites"].get(name), test["eval_sites"].get(name)
-            if v is None or t is None or v["status"] != "ok" or t["status"] != "ok":
-                sites[name] = v if v is not None and v["status"] != "ok" or t is None else t
-            else:
+            if v is not None and t is not None and v["status"] == t["status"] == "ok":
                 sites[name] = {**t, "val_loss": v["val_loss"]}
+            else:  # the half that failed (validation's first), or the only half there is
+                sites[name] = v if v is not None and (v["status"] != "ok" or t is None) else t
         record = {k: v for k, v in test.items() if k not in ("val_loss", "threshold", "n_healthy")}
         record |= {"val_loss": val["val_loss"], "eval_sites": sites}
         record |= {k: val[k] for k in ("threshold", "n_healthy") if k in val}

@@ -256,8 +256,8 @@ def calibrate_noise(
         )
     epsilon_of = _epsilon_function(prior, delta, accountant, sample_rate, steps)
 
-    if hint is not None and math.isfinite(hint) and MIN_HINT <= hint <= MAX_SIGMA and (
-            budget_epsilon * (1 - CALIBRATION_SLACK) <= epsilon_of(float(hint)) <= budget_epsilon):
+    if hint is not None and math.isfinite(hint) and MIN_HINT <= hint <= MAX_SIGMA and _in_band(
+            epsilon_of(float(hint)), budget_epsilon):
         sigma = float(hint)
     elif accountant == "pld":
         # Search on the coarse PLD, then start the exact search there with a narrow bracket: the
@@ -289,6 +289,11 @@ def calibrate_noise(
     )
 
 
+def _in_band(eps: float, budget: float, slack: float = CALIBRATION_SLACK) -> bool:
+    """Whether ε is within budget and uses at least ``1 - slack`` of it: what a calibrated σ must reach."""
+    return budget * (1 - slack) <= eps <= budget
+
+
 def _solve_sigma(epsilon_of, budget: float, start: float | None = None,
                  slack: float = CALIBRATION_SLACK) -> float | None:
     """σ with ε(σ) in [budget·(1 − slack), budget], or None if none up to MAX_SIGMA.
@@ -300,7 +305,7 @@ def _solve_sigma(epsilon_of, budget: float, start: float | None = None,
     bracket's high-noise end always has ε < budget; it is returned if the band is
     never hit exactly.
     """
-    low_band, target = budget * (1 - slack), budget * (1 - slack / 2)
+    target = budget * (1 - slack / 2)
     x_max, x_min = math.log(MAX_SIGMA), math.log(1e-3)
 
     def f(x: float) -> tuple[float, float]:
@@ -312,7 +317,7 @@ def _solve_sigma(epsilon_of, budget: float, start: float | None = None,
     step = math.log(2) if start is None else math.log(1.01)
     while x_lo is None or x_hi is None:
         eps, fx = f(x)
-        if low_band <= eps <= budget:
+        if _in_band(eps, budget, slack):
             return math.exp(x)
         if eps > budget:
             x_lo, f_lo = x, fx
@@ -332,7 +337,7 @@ def _solve_sigma(epsilon_of, budget: float, start: float | None = None,
         if not (min(x_lo, x_hi) < x < max(x_lo, x_hi)) or not math.isfinite(f_lo):
             x = (x_lo + x_hi) / 2
         eps, fx = f(x)
-        if low_band <= eps <= budget:
+        if _in_band(eps, budget, slack):
             return math.exp(x)
         if eps > budget:
             x_lo, f_lo = x, fx
