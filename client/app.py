@@ -118,7 +118,9 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)
         ledger = PrivacyLedger.for_config(cfg.privacy, site=name, path=ledger_path)
-    data = load_site_data(data_path, cfg, name=name)
+    # Simulated sites share one read of each site between Ray actors; a deployed site reads its own folder.
+    snapshots = None if c.NODE_DATA_PATH in context.node_config else context.run_config.get(c.RUN_SITE_SNAPSHOTS)
+    data = load_site_data(data_path, cfg, name=name, snapshots=str(snapshots) if snapshots else None)
     # A deployed site warns in its own log; simulated sites leave it to the ServerApp's one line for all.
     return name, SiteTrainer(data, cfg, ledger, warn_noise=c.NODE_DATA_PATH in context.node_config), cfg
 

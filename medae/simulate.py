@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from medae.app_manifest import run_config, write_app
 from medae_core.config import RunConfig
-from medae_core.contract import RUN_EXPECTED_SITES
+from medae_core.contract import RUN_EXPECTED_SITES, RUN_SITE_SNAPSHOTS
 from medae_core.data import site_folders
 from medae_core.errors import ConfigError
 
@@ -29,18 +31,7 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
     ``client_app``: what every node runs; medae's own ClientApp (``client.app``)
     unless a test passes another (e.g. a hostile site's).
     """
-    # Flower and Ray are imported here so that the rest of the CLI starts fast.
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from medae import sim_poller
-    from server.app import app as server_app
-
+    # Flower and Ray are imported in `_simulate`, so that the rest of the CLI starts fast.
     if client_app is None:
         from client.app import app as client_app
 
@@ -53,7 +44,29 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
     preflight(cfg)
 
     # Round 1 waits for every virtual site: Flower registers them while the ServerApp already runs.
-    extra = {RUN_EXPECTED_SITES: cfg.federation.sites}
+    # Each site is read once for the run, whichever Ray actor gets its messages (a private temporary
+    # folder, hidden and outside the data: `medae_core.site.load_site_data`).
+    snapshots = tempfile.mkdtemp(prefix=".medae-sites-")
+    try:
+        extra = {RUN_EXPECTED_SITES: cfg.federation.sites, RUN_SITE_SNAPSHOTS: snapshots}
+        _simulate(cfg, run_dir, client_app, extra)
+    finally:
+        shutil.rmtree(snapshots, ignore_errors=True)
+    return run_dir
+
+
+def _simulate(cfg: RunConfig, run_dir: Path, client_app, extra: dict) -> None:
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from medae import sim_poller
+    from server.app import app as server_app
+
     app_dir = write_app(cfg, run_dir, extra)
     flat = run_config(cfg, run_dir) | extra
 
@@ -85,7 +98,6 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
         is_app=True,  # nodes read their run_config from the manifest in app_dir
         exit_event=_exit_event(),
     )
-    return run_dir
 
 
 def preflight(cfg: RunConfig) -> None:

@@ -6,7 +6,7 @@ coordinator (`medae.simulate`, `medae.deploy`, `server.app`) and a site
 
 - the **run config**, the same for both apps: the flat `RunConfig`
   (`RunConfig.to_flat` / `from_flat`) plus `RUN_DIR` and, in deployment,
-  `RUN_SITE_REGISTRY`, in simulation `RUN_EXPECTED_SITES`;
+  `RUN_SITE_REGISTRY`, in simulation `RUN_EXPECTED_SITES` and `RUN_SITE_SNAPSHOTS`;
 - a site's **node config**, its own and never sent: where its data and ledger
   are and its privacy policy (`NODE_*`, written by `medae client`), or in
   simulation Flower's `PARTITION_ID`;
@@ -29,6 +29,9 @@ RUN_SITE_REGISTRY = "site-registry"  # deployment: path of RUN/sites.json, node 
 # Simulation: how many virtual sites will register. Flower starts the ServerApp while it is still
 # registering them, so round 1 waits for them all before sampling (`server.app.FederatedRun.await_sites`).
 RUN_EXPECTED_SITES = "expected-sites"
+# Simulation: a private temporary folder where the first Ray actor to read a site keeps it for the
+# others (`medae_core.site.load_site_data`'s ``snapshots``). A deployed site never uses it.
+RUN_SITE_SNAPSHOTS = "site-snapshots"
 
 # -- node config (a site's own; never leaves it) -------------------------------
 NODE_DATA_PATH = "data-path"

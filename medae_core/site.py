@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
 from medae_core.devices import resolve_device
 from medae_core.evaluation import LabelledSet, evaluate_site
+from medae_core.fileio import atomic_write
 from medae_core.models import build_model, trainable_mask
 from medae_core.privacy import PrivacyLedger
 from medae_core.starts import initial_weights
@@ -61,14 +64,76 @@ class SiteData:
         return int(len(np.unique(self.train_patients)))
 
 
-def load_site_data(root: str | Path, cfg: RunConfig, name: str | None = None) -> SiteData:
-    """Read and split a site folder. Cached per process: rounds reuse the scan."""
+def load_site_data(root: str | Path, cfg: RunConfig, name: str | None = None,
+                   snapshots: str | Path | None = None) -> SiteData:
+    """Read and split a site folder. Cached per process: rounds reuse the scan.
+
+    ``snapshots``: a folder only this user can read (``medae simulate`` makes one per
+    run, outside every data folder, and deletes it at the end). The first process
+    to read a site keeps it there, split and at model size, and every other
+    process of the run loads that instead of scanning again. A simulation's
+    messages go to whichever Ray actor is free, so without it each actor decoded
+    each site once, and with more sites than an actor keeps in memory, every
+    message did. A folder that others could write to is not used.
+    """
     root = Path(root).resolve()
-    return _load_site_data_cached(root, cfg.data, cfg.model.image_size, cfg.train.seed, name or root.name)
+    if snapshots is not None:
+        snapshots = Path(snapshots).resolve()
+        if not snapshots.is_dir():  # the run that made it is over (a manifest read again later)
+            snapshots = None
+        elif not _private_folder(snapshots) or snapshots.is_relative_to(root) or root.is_relative_to(snapshots):
+            log.warning("not keeping site %s's images in %s: only a folder of this user's alone, outside the "
+                        "data, is used for that", name or root.name, snapshots)
+            snapshots = None
+    return _load_site_data_cached(root, cfg.data, cfg.model.image_size, cfg.train.seed, name or root.name, snapshots)
+
+
+SNAPSHOT_FORMAT = 1
 
 
 @functools.lru_cache(maxsize=8)
-def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: int, name: str) -> SiteData:
+def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: int, name: str,
+                           snapshots: Path | None = None) -> SiteData:
+    if snapshots is None:
+        return _read_site_data(root, data, image_size, seed, name)
+    key = hashlib.sha256(repr((SNAPSHOT_FORMAT, str(root), data, image_size, seed, name)).encode()).hexdigest()
+    path = snapshots / f"{key}.pickle"
+    site = _load_snapshot(path, root, name)
+    if site is None:
+        site = _read_site_data(root, data, image_size, seed, name)
+        try:
+            atomic_write(path, lambda fh: pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError as exc:  # a full disk costs the other processes a scan, nothing more
+            log.warning("could not keep site %s's images for the other processes of this run: %s", name, exc)
+    return site
+
+
+def _private_folder(path: Path) -> bool:
+    """A folder owned by this user that no one else can read or write (what `tempfile.mkdtemp` makes)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _load_snapshot(path: Path, root: Path, name: str) -> SiteData | None:
+    """The site another process of this run kept at ``path``, or None (absent, unreadable, another site's)."""
+    try:
+        with path.open("rb") as fh:
+            site = pickle.load(fh)  # written by this user's own run, in a folder no one else can write to
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a damaged snapshot costs a scan, never the round
+        log.warning("ignoring the kept copy of site %s (%s); reading the folder again", name, exc)
+        return None
+    if not isinstance(site, SiteData) or site.root != root or site.name != name:
+        log.warning("ignoring the kept copy of site %s: it is another site's; reading the folder again", name)
+        return None
+    return site
+
+
+def _read_site_data(root: Path, data: DataConfig, image_size: int, seed: int, name: str) -> SiteData:
     site = load_site(root, data, image_size)
     scan = site.train
     train_idx, val_idx = split_patients(scan, data.val_fraction, seed)

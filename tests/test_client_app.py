@@ -214,6 +214,28 @@ def test_a_deployed_site_keeps_decoded_images_only_when_the_site_says_so(tiny_be
     assert used.data.cache and image_cache.usage(tmp_path / "cache")[0] > 0
 
 
+def test_only_simulated_sites_keep_their_read_for_the_other_actors(tiny_benchmark, tiny_cfg, tmp_path):
+    """The run config names a folder for site reads (`medae simulate`); a deployed site never writes its pixels there."""
+    from client.app import open_site
+    from medae_core import contract as c
+    from medae_core.site import _load_site_data_cached
+
+    snapshots = tmp_path / "kept"
+    snapshots.mkdir(mode=0o700)
+    cfg = tiny_cfg.with_overrides({"federation.data_root": str(tiny_benchmark)})
+    _load_site_data_cached.cache_clear()
+    deployed = _context(cfg, tiny_benchmark / "site-3", tmp_path / "a.jsonl")
+    deployed.run_config[c.RUN_SITE_SNAPSHOTS] = str(snapshots)
+    open_site(deployed, for_training=False)
+    assert list(snapshots.iterdir()) == []
+    simulated = Context(run_id=1, node_id=7, node_config={c.PARTITION_ID: 2}, state=RecordDict(),
+                        run_config=cfg.to_flat() | {c.RUN_DIR: str(tmp_path / "run"),
+                                                    c.RUN_SITE_SNAPSHOTS: str(snapshots)})
+    name, trainer, _ = open_site(simulated, for_training=False)
+    assert name == "site-3" and len(list(snapshots.iterdir())) == 1
+    _load_site_data_cached.cache_clear()
+
+
 def test_a_site_without_usable_images_says_why(tiny_cfg, tmp_path):
     empty = tmp_path / "empty-site"
     (empty / "train").mkdir(parents=True)

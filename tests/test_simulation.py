@@ -158,3 +158,33 @@ def test_a_hostile_sites_updates_are_left_out_and_the_federation_trains_on(tiny_
     losses = [r["train_loss"] for r in metrics["rounds"]]
     assert all(loss is not None for loss in losses) and losses[-1] < losses[0]
     assert "rejected" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_folder_of_shared_site_reads_is_private_and_gone_after_the_run(tiny_benchmark, tiny_cfg, tmp_path,
+                                                                          monkeypatch, fails):
+    import stat
+
+    import medae.simulate as simulate
+    from medae_core.contract import RUN_SITE_SNAPSHOTS
+
+    seen = {}
+
+    def fake_simulate(cfg, run_dir, client_app, extra):
+        folder = seen["folder"] = extra[RUN_SITE_SNAPSHOTS]
+        seen["mode"] = stat.S_IMODE(os.stat(folder).st_mode)
+        (tmp_path / "marker").write_text("ran")
+        open(os.path.join(folder, "site.pickle"), "wb").close()  # what the actors leave there
+        if fails:
+            raise RuntimeError("a Ray failure")
+
+    monkeypatch.setattr(simulate, "_simulate", fake_simulate)
+    cfg = tiny_cfg.with_overrides({"federation.data_root": str(tiny_benchmark), "federation.sites": 3})
+    if fails:
+        with pytest.raises(RuntimeError, match="a Ray failure"):
+            simulate.run_simulation(cfg, tmp_path / "run")
+    else:
+        assert simulate.run_simulation(cfg, tmp_path / "run") == tmp_path / "run"
+    assert (tmp_path / "marker").exists() and seen["mode"] == 0o700
+    assert os.path.basename(seen["folder"]).startswith(".")  # hidden: never taken for a site folder
+    assert not os.path.exists(seen["folder"])
