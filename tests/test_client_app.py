@@ -252,3 +252,15 @@ def test_histograms_are_counts_over_fixed_bins():
 
     counts = score_histogram(np.array([0.01, 0.02, 5.0]))
     assert counts.shape == (N_SCORE_BINS,) and counts.sum() == 3
+
+
+def test_a_clientapp_process_imports_scikit_learn_only_to_evaluate():
+    """A deployed site starts a fresh process for every message; a training message skips 1.5 s of imports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, client.app; print('sklearn' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "False"
