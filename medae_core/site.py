@@ -15,11 +15,13 @@ Privacy flow of a round (see `SiteTrainer.train_round`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import pickle
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,6 @@ from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
 from medae_core.devices import resolve_device
 from medae_core.evaluation import LabelledSet, evaluate_site
-from medae_core.fileio import atomic_write
 from medae_core.models import build_model, trainable_mask
 from medae_core.privacy import PrivacyLedger
 from medae_core.starts import initial_weights
@@ -102,10 +103,22 @@ def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: 
     if site is None:
         site = _read_site_data(root, data, image_size, seed, name)
         try:
-            atomic_write(path, lambda fh: pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL))
+            _write_snapshot(path, site)
         except OSError as exc:  # a full disk costs the other processes a scan, nothing more
             log.warning("could not keep site %s's images for the other processes of this run: %s", name, exc)
     return site
+
+
+def _write_snapshot(path: Path, site: SiteData) -> None:
+    """Written aside, then renamed: a reader sees all of it or nothing. No fsync: it lives as long as the run."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _private_folder(path: Path) -> bool:
