@@ -75,7 +75,8 @@ def load_site_data(root: str | Path, cfg: RunConfig, name: str | None = None,
     process of the run loads that instead of scanning again. A simulation's
     messages go to whichever Ray actor is free, so without it each actor decoded
     each site once, and with more sites than an actor keeps in memory, every
-    message did. A folder that others could write to is not used.
+    message did. It holds a copy of the site's pixels while the run lasts, so a
+    folder that other users can open, or one in or around the data, is not used.
     """
     root = Path(root).resolve()
     if snapshots is not None:
@@ -127,6 +128,8 @@ def _private_folder(path: Path) -> bool:
         st = path.stat()
     except OSError:
         return False
+    if not hasattr(os, "getuid"):  # Windows: no owner or mode bits; mkdtemp's folder is in the user's own %TEMP%
+        return True
     return st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
