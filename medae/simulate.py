@@ -46,9 +46,13 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
     # Round 1 waits for every virtual site: Flower registers them while the ServerApp already runs.
     # Each site is read once for the run, whichever Ray actor gets its messages (a private temporary
     # folder, hidden and outside the data: `medae_core.site.load_site_data`).
-    snapshots = tempfile.mkdtemp(prefix=".medae-sites-")
+    extra = {RUN_EXPECTED_SITES: cfg.federation.sites}
+    snapshots = Path(tempfile.mkdtemp(prefix=".medae-sites-"))
     try:
-        extra = {RUN_EXPECTED_SITES: cfg.federation.sites, RUN_SITE_SNAPSHOTS: snapshots}
+        if snapshots.resolve().is_relative_to(root.resolve()):  # $TMPDIR in the data: nothing is written there
+            log.info("each site is read by every Ray actor: the temporary folder would be inside %s", root)
+        else:
+            extra[RUN_SITE_SNAPSHOTS] = str(snapshots)
         _simulate(cfg, run_dir, client_app, extra)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)

@@ -188,3 +188,23 @@ def test_the_folder_of_shared_site_reads_is_private_and_gone_after_the_run(tiny_
     assert (tmp_path / "marker").exists() and seen["mode"] == 0o700
     assert os.path.basename(seen["folder"]).startswith(".")  # hidden: never taken for a site folder
     assert not os.path.exists(seen["folder"])
+
+
+def test_no_temporary_folder_is_used_inside_the_data(tiny_benchmark, tiny_cfg, tmp_path, monkeypatch):
+    """$TMPDIR inside the federation root: the sites are read by each actor instead, and the data folder is left as it was."""
+    import shutil
+    import tempfile
+
+    import medae.simulate as simulate
+    from medae_core.contract import RUN_SITE_SNAPSHOTS
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_benchmark, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    seen = {}
+    monkeypatch.setattr(simulate, "_simulate", lambda cfg, run_dir, client_app, extra: seen.update(extra))
+    monkeypatch.setattr(tempfile, "tempdir", str(data))
+    cfg = tiny_cfg.with_overrides({"federation.data_root": str(data), "federation.sites": 3})
+    simulate.run_simulation(cfg, tmp_path / "run")
+    assert seen and RUN_SITE_SNAPSHOTS not in seen
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
