@@ -20,7 +20,8 @@ from medae.app_manifest import run_config, write_app
 from medae_core.config import RunConfig
 from medae_core.contract import RUN_EXPECTED_SITES, RUN_SITE_SNAPSHOTS
 from medae_core.data import site_folders
-from medae_core.errors import ConfigError
+from medae_core.errors import ConfigError, DataError
+from medae_core.fileio import ensure_outside
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,11 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
     extra = {RUN_EXPECTED_SITES: cfg.federation.sites}
     snapshots = Path(tempfile.mkdtemp(prefix=".medae-sites-"))
     try:
-        if snapshots.resolve().is_relative_to(root.resolve()):  # $TMPDIR in the data: nothing is written there
-            log.info("each site is read by every Ray actor: the temporary folder would be inside %s", root)
-        else:
+        try:
+            ensure_outside(snapshots, root)  # $TMPDIR in the data: nothing is written there
             extra[RUN_SITE_SNAPSHOTS] = str(snapshots)
+        except DataError:
+            log.info("each site is read by every Ray actor: the temporary folder would be inside %s", root)
         _simulate(cfg, run_dir, client_app, extra)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)

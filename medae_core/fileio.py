@@ -20,14 +20,18 @@ import numpy as np
 from medae_core.errors import DataError
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write through ``write(fh)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = True) -> Path:
+    """Write through ``write(fh)`` into a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    ``durable=False`` skips the fsync: for files that live no longer than the run that writes them.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("wb") as fh:
         write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
 

@@ -15,13 +15,11 @@ Privacy flow of a round (see `SiteTrainer.train_round`):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,9 @@ from medae_core.bundle import Threshold
 from medae_core.config import DataConfig, RunConfig
 from medae_core.data import Scan, load_site, split_patients
 from medae_core.devices import resolve_device
+from medae_core.errors import DataError
 from medae_core.evaluation import LabelledSet, evaluate_site
+from medae_core.fileio import atomic_write, ensure_outside
 from medae_core.models import build_model, trainable_mask
 from medae_core.privacy import PrivacyLedger
 from medae_core.starts import initial_weights
@@ -83,7 +83,7 @@ def load_site_data(root: str | Path, cfg: RunConfig, name: str | None = None,
         snapshots = Path(snapshots).resolve()
         if not snapshots.is_dir():  # the run that made it is over (a manifest read again later)
             snapshots = None
-        elif not _private_folder(snapshots) or snapshots.is_relative_to(root) or root.is_relative_to(snapshots):
+        elif not _private_folder(snapshots) or not _apart(snapshots, root):
             log.warning("not keeping site %s's images in %s: only a folder of this user's alone, outside the "
                         "data, is used for that", name or root.name, snapshots)
             snapshots = None
@@ -103,23 +103,21 @@ def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: 
     site = _load_snapshot(path, root, name)
     if site is None:
         site = _read_site_data(root, data, image_size, seed, name)
-        try:
-            _write_snapshot(path, site)
+        try:  # no fsync: the folder lives as long as the run
+            atomic_write(path, lambda fh: pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL), durable=False)
         except OSError as exc:  # a full disk costs the other processes a scan, nothing more
             log.warning("could not keep site %s's images for the other processes of this run: %s", name, exc)
     return site
 
 
-def _write_snapshot(path: Path, site: SiteData) -> None:
-    """Written aside, then renamed: a reader sees all of it or nothing. No fsync: it lives as long as the run."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+def _apart(a: Path, b: Path) -> bool:
+    """Neither folder is inside the other (`ensure_outside` both ways)."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        ensure_outside(a, b)
+        ensure_outside(b, a)
+    except DataError:
+        return False
+    return True
 
 
 def _private_folder(path: Path) -> bool:
