@@ -62,7 +62,7 @@ def test_a_second_read_decodes_nothing_and_gives_the_same_site(site, cache_root,
     _same(first, second)
     assert any("notes.txt" in s.path for s in second.train.skipped)  # a skipped file keeps its reason
     assert _tree(site) == before  # nothing written into the data folder
-    assert stat.S_IMODE(next(cache_root.glob("*/*.npz")).stat().st_mode) == 0o600
+    assert stat.S_IMODE(next(cache_root.glob(f"*/*{image_cache.SUFFIX}")).stat().st_mode) == 0o600
     assert stat.S_IMODE(next(cache_root.iterdir()).stat().st_mode) == 0o700
 
 
@@ -86,10 +86,36 @@ def test_a_changed_file_or_setting_is_a_miss_never_a_stale_hit(site, cache_root,
 
 def test_a_damaged_entry_is_read_again_and_replaced(site, cache_root):
     first = load_site(site, ON, 32)
-    for entry in cache_root.glob("*/*.npz"):
-        entry.write_bytes(b"half a file")
+    entries = sorted(cache_root.glob(f"*/*{image_cache.SUFFIX}"))
+    whole = entries[0].read_bytes()
+    for i, entry in enumerate(entries):  # shorter than a header, cut off, one value too many, not ours
+        entry.write_bytes([b"half a file", whole[:-4], whole + bytes(4), b"X" + whole[1:]][i % 4])
+        assert image_cache.load(cache_root, entry.stem) is None
     _same(first, load_site(site, ON, 32))
-    assert image_cache.load(cache_root, next(cache_root.glob("*/*.npz")).stem) is not None
+    assert all(image_cache.load(cache_root, entry.stem) is not None for entry in entries)
+
+
+def test_cached_files_are_read_here_not_sent_to_worker_processes(site, cache_root, monkeypatch):
+    first = load_site(site, ON, 32)
+    monkeypatch.setattr(dataset, "PARALLEL_MIN_FILES", 1)  # any file left to decode goes to workers
+    monkeypatch.setattr(dataset, "usable_cpus", lambda: 4)
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("worker processes started for files the cache holds")
+
+    monkeypatch.setattr(dataset, "ProcessPoolExecutor", no_workers)
+    _same(first, load_site(site, ON, 32))
+
+
+def test_entries_of_an_earlier_format_are_counted_and_cleared_never_read(site, cache_root):
+    first = load_site(site, ON, 32)
+    n, size = image_cache.usage(cache_root)
+    old = cache_root / "ab" / ("ab" + "0" * 62 + ".npz")
+    old.parent.mkdir(exist_ok=True)
+    old.write_bytes(b"an entry of cache format 2")
+    assert image_cache.usage(cache_root) == (n + 1, size + old.stat().st_size)
+    _same(first, load_site(site, ON, 32))
+    assert image_cache.clear(cache_root) == n + 1 and image_cache.usage(cache_root) == (0, 0)
 
 
 def test_a_cache_inside_the_data_folder_is_refused(site, monkeypatch):

@@ -263,14 +263,9 @@ class _FileRead:
     format: str = ""
 
 
-def _read_sized(path: Path, rel: str, data: DataConfig, size: int, cache_root: Path | None = None) -> _FileRead:
-    """One file at model size: from the image cache when it holds this file's bytes and settings."""
-    key = None
-    if cache_root is not None:
-        key = image_cache.file_key(path, rel, image_cache.preprocessing_key(data, size), data.max_image_mb * MIB)
-        cached = image_cache.load(cache_root, key) if key is not None else None
-        if cached is not None:
-            return _from_cache(*cached)
+def _read_sized(path: Path, rel: str, data: DataConfig, size: int, cache_root: Path | None = None,
+                key: str | None = None) -> _FileRead:
+    """One file at model size, decoded; kept in the image cache under ``key`` when one is given."""
     try:
         slices = read_checked(path, rel, data)
         result = _FileRead(
@@ -280,7 +275,7 @@ def _read_sized(path: Path, rel: str, data: DataConfig, size: int, cache_root: P
         )
     except UnusableFile as exc:
         result = _FileRead(reason=exc.reason)
-    if key is not None:
+    if cache_root is not None and key is not None:
         image_cache.store(cache_root, key, *_to_cache(result, size))
     return result
 
@@ -305,14 +300,30 @@ def _from_cache(images: np.ndarray, meta: dict) -> _FileRead:
 
 
 def _read_many(root: Path, rels: list[str], data: DataConfig, size: int) -> Iterator[_FileRead]:
-    """Read files in order; in worker processes when there are many and several CPUs.
+    """Read files in order: from the image cache here, the rest decoded, in worker processes when many.
 
     pydicom parses a few ms per file, so thousands of files take one core tens
     of seconds. Workers are spawned (not forked: the caller may hold torch
-    threads) and cost about a second to start, hence only for large folders.
+    threads) and cost about a second to start, hence only for many files to
+    decode. Cache hits (a hash and one read each) are cheaper than sending them
+    to a worker, so they never go there.
     """
     cache_root = image_cache.cache_dir() if data.cache else None  # its location checked by the caller
-    args = [(root / rel, rel, data, size, cache_root) for rel in rels]
+    hits: dict[int, _FileRead] = {}
+    keys: list[str | None] = [None] * len(rels)
+    if cache_root is not None:
+        prep = image_cache.preprocessing_key(data, size)
+        for i, rel in enumerate(rels):
+            keys[i] = image_cache.file_key(root / rel, rel, prep, data.max_image_mb * MIB)
+            cached = image_cache.load(cache_root, keys[i]) if keys[i] is not None else None
+            if cached is not None:
+                hits[i] = _from_cache(*cached)
+    args = [(root / rel, rel, data, size, cache_root, keys[i]) for i, rel in enumerate(rels) if i not in hits]
+    decoded = _decode_many(args)
+    return (hits.pop(i) if i in hits else next(decoded) for i in range(len(rels)))
+
+
+def _decode_many(args: list[tuple]) -> Iterator[_FileRead]:
     workers = min(usable_cpus(), MAX_WORKERS)
     if len(args) < PARALLEL_MIN_FILES or workers < 2:
         return (_read_sized(*a) for a in args)
