@@ -106,6 +106,22 @@ def test_median_filter_removes_salt_noise_but_keeps_a_lesion():
     assert np.array_equal(postprocess(m, None, median_filter=1, mask_foreground=False), m)
 
 
+@pytest.mark.parametrize("size", [1, 2, 5, 33, 64])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_median_filter_gives_scipys_values_on_every_map_and_chunk(size, k, monkeypatch):
+    from scipy import ndimage
+
+    from medae_core import scoring
+
+    monkeypatch.setattr(scoring, "_MEDIAN_CHUNK_PIXELS", 3 * size * size - 1)  # chunks of 2 maps, the last of 1
+    rng = np.random.default_rng(size * 10 + k)
+    m = rng.random((5, size, size), dtype=np.float32) ** 3
+    m[1] = rng.integers(0, 3, (size, size))  # ties
+    expected = np.stack([ndimage.median_filter(x, size=k, mode="reflect") for x in m])
+    out = postprocess(m, None, median_filter=k, mask_foreground=False)
+    assert out.dtype == np.float32 and np.array_equal(out, expected)
+
+
 def test_postprocess_zeroes_outside_foreground_and_rejects_even_kernels():
     m = np.ones((1, S, S), np.float32)
     fg = (disc() > 0)[None]
