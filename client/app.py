@@ -48,6 +48,9 @@ from medae_core.scoring import score_histogram
 from medae_core.site import SiteTrainer, load_site_data
 
 log = logging.getLogger("medae.client")
+
+# A deployed site reads its folder in every message; a read this slow gets a hint about the image cache.
+SLOW_READ_HINT_SECONDS = 10.0
 app = ClientApp()
 
 
@@ -120,7 +123,14 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
         ledger = PrivacyLedger.for_config(cfg.privacy, site=name, path=ledger_path)
     # Simulated sites share one read of each site between Ray actors; a deployed site reads its own folder.
     snapshots = None if c.NODE_DATA_PATH in context.node_config else context.run_config.get(c.RUN_SITE_SNAPSHOTS)
+    started = time.perf_counter()
     data = load_site_data(data_path, cfg, name=name, snapshots=str(snapshots) if snapshots else None)
+    read_s = time.perf_counter() - started
+    if c.NODE_DATA_PATH in context.node_config and not cfg.data.cache and read_s >= SLOW_READ_HINT_SECONDS:
+        log.info("site %s: reading its images took %.0f s, again in every message (Flower starts a process for "
+                 "each). `medae client --image-cache` keeps them decoded between messages, several times faster "
+                 "to read: a second copy of the pixels, owner-only, outside the data folder (`medae cache`)",
+                 name, read_s)
     # A deployed site warns in its own log; simulated sites leave it to the ServerApp's one line for all.
     return name, SiteTrainer(data, cfg, ledger, warn_noise=c.NODE_DATA_PATH in context.node_config), cfg
 

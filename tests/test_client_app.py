@@ -214,6 +214,26 @@ def test_a_deployed_site_keeps_decoded_images_only_when_the_site_says_so(tiny_be
     assert used.data.cache and image_cache.usage(tmp_path / "cache")[0] > 0
 
 
+def test_a_deployed_site_with_a_slow_read_is_told_about_the_image_cache(tiny_benchmark, tiny_cfg, tmp_path,
+                                                                         monkeypatch, caplog):
+    import client.app as client_app
+
+    cfg = tiny_cfg.with_overrides({"data.percentile_high": 99.3})  # not in another test's lru
+    caplog.set_level("INFO", logger="medae.client")
+    client_app.open_site(_context(cfg, tiny_benchmark / "site-3", tmp_path / "a.jsonl"), for_training=False)
+    assert "--image-cache" not in caplog.text  # a quick read says nothing
+    monkeypatch.setattr(client_app, "SLOW_READ_HINT_SECONDS", 0.0)
+    cached = _context(cfg.with_overrides({"data.percentile_high": 99.2}), tiny_benchmark / "site-3",
+                      tmp_path / "a.jsonl")
+    cached.node_config["image-cache"] = True
+    monkeypatch.setenv("MEDAE_CACHE_DIR", str(tmp_path / "cache"))
+    client_app.open_site(cached, for_training=False)
+    assert "--image-cache" not in caplog.text  # the site already keeps them
+    client_app.open_site(_context(cfg.with_overrides({"data.percentile_high": 99.1}), tiny_benchmark / "site-3",
+                                  tmp_path / "a.jsonl"), for_training=False)
+    assert "site hospital-a: reading its images took" in caplog.text and "--image-cache" in caplog.text
+
+
 def test_only_simulated_sites_keep_their_read_for_the_other_actors(tiny_benchmark, tiny_cfg, tmp_path):
     """The run config names a folder for site reads (`medae simulate`); a deployed site never writes its pixels there."""
     from client.app import open_site
