@@ -242,8 +242,9 @@ def postprocess(
     return out
 
 
-# Pixels per chunk of `_median_filter`: its windows take k*k floats each (26 MB at k = 5).
-_MEDIAN_CHUNK_PIXELS = 1 << 18
+# Window values per chunk of `_median_filter` (k*k per pixel; 32 MB). A map whose windows
+# alone exceed it (a wide kernel on a large map) is filtered by scipy, one map at a time.
+_MEDIAN_WINDOW_VALUES = 1 << 23
 
 
 def _median_filter(maps: np.ndarray, k: int) -> np.ndarray:
@@ -251,12 +252,17 @@ def _median_filter(maps: np.ndarray, k: int) -> np.ndarray:
 
     The same values as ``scipy.ndimage.median_filter(map, size=k, mode="reflect")`` on
     each map (numpy's "symmetric" padding is scipy's "reflect"), 2.4x faster at 64 px
-    here: a view of every pixel's window, and one `np.partition` per chunk of maps
-    instead of a Python call per map.
+    and k = 5 here: a view of every pixel's window, and one `np.partition` per chunk of
+    maps instead of a Python call per map.
     """
+    if len(maps) == 0:
+        return maps.copy()
+    per_map = maps[0].size * k * k
+    if per_map > _MEDIAN_WINDOW_VALUES:
+        return np.stack([ndimage.median_filter(m, size=k, mode="reflect") for m in maps])
     r, mid = k // 2, k * k // 2
     out = np.empty_like(maps)
-    step = max(1, _MEDIAN_CHUNK_PIXELS // max(1, maps[0].size)) if len(maps) else 1
+    step = max(1, _MEDIAN_WINDOW_VALUES // per_map)
     for i in range(0, len(maps), step):
         padded = np.pad(maps[i:i + step], ((0, 0), (r, r), (r, r)), mode="symmetric")
         windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2))

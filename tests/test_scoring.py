@@ -113,13 +113,26 @@ def test_median_filter_gives_scipys_values_on_every_map_and_chunk(size, k, monke
 
     from medae_core import scoring
 
-    monkeypatch.setattr(scoring, "_MEDIAN_CHUNK_PIXELS", 3 * size * size - 1)  # chunks of 2 maps, the last of 1
+    monkeypatch.setattr(scoring, "_MEDIAN_WINDOW_VALUES", 3 * size * size * k * k - 1)  # chunks of 2 maps, then 1
     rng = np.random.default_rng(size * 10 + k)
     m = rng.random((5, size, size), dtype=np.float32) ** 3
     m[1] = rng.integers(0, 3, (size, size))  # ties
     expected = np.stack([ndimage.median_filter(x, size=k, mode="reflect") for x in m])
     out = postprocess(m, None, median_filter=k, mask_foreground=False)
     assert out.dtype == np.float32 and np.array_equal(out, expected)
+
+
+def test_a_kernel_too_wide_for_the_window_budget_is_filtered_one_map_at_a_time(monkeypatch):
+    from scipy import ndimage
+
+    from medae_core import scoring
+
+    monkeypatch.setattr(scoring, "_MEDIAN_WINDOW_VALUES", 16 * 16 * 9 - 1)  # less than one map's windows
+    monkeypatch.setattr(np.lib.stride_tricks, "sliding_window_view", None)  # the windowed path is not taken
+    m = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32)
+    expected = np.stack([ndimage.median_filter(x, size=3, mode="reflect") for x in m])
+    assert np.array_equal(postprocess(m, None, median_filter=3, mask_foreground=False), expected)
+    assert postprocess(m[:0], None, median_filter=3, mask_foreground=False).shape == (0, 16, 16)
 
 
 def test_postprocess_zeroes_outside_foreground_and_rejects_even_kernels():

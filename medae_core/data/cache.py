@@ -116,6 +116,7 @@ def store(root: Path, key: str, images: np.ndarray, meta: dict[str, Any]) -> Non
     target = _entry(root, key)
     images = np.ascontiguousarray(images, dtype="<f4")
     body = json.dumps({**meta, "shape": list(images.shape)}).encode()
+    body += b" " * (-(_HEADER.size + len(body)) % 4)  # the pixels start 4-byte aligned
     with contextlib.suppress(OSError):
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-", suffix=SUFFIX)
