@@ -48,16 +48,18 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
     # Each site is read once for the run, whichever Ray actor gets its messages (a private temporary
     # folder, hidden and outside the data: `medae_core.site.load_site_data`).
     extra = {RUN_EXPECTED_SITES: cfg.federation.sites}
-    snapshots = Path(tempfile.mkdtemp(prefix=".medae-sites-"))
+    snapshots = None
+    try:  # checked before the folder is made: with $TMPDIR in the data, nothing is made there
+        ensure_outside(Path(tempfile.gettempdir()), root)
+        snapshots = Path(tempfile.mkdtemp(prefix=".medae-sites-"))
+        extra[RUN_SITE_SNAPSHOTS] = str(snapshots)
+    except DataError:
+        log.info("each site is read by every Ray actor: the temporary folder would be inside %s", root)
     try:
-        try:
-            ensure_outside(snapshots, root)  # $TMPDIR in the data: nothing is written there
-            extra[RUN_SITE_SNAPSHOTS] = str(snapshots)
-        except DataError:
-            log.info("each site is read by every Ray actor: the temporary folder would be inside %s", root)
         _simulate(cfg, run_dir, client_app, extra)
     finally:
-        shutil.rmtree(snapshots, ignore_errors=True)
+        if snapshots is not None:
+            shutil.rmtree(snapshots, ignore_errors=True)
     return run_dir
 
 

@@ -202,9 +202,14 @@ def test_no_temporary_folder_is_used_inside_the_data(tiny_benchmark, tiny_cfg, t
     shutil.copytree(tiny_benchmark, data)
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
     seen = {}
-    monkeypatch.setattr(simulate, "_simulate", lambda cfg, run_dir, client_app, extra: seen.update(extra))
+
+    def fake_simulate(cfg, run_dir, client_app, extra):
+        seen.update(extra, during=sorted(p.relative_to(data) for p in data.rglob("*")))
+
+    monkeypatch.setattr(simulate, "_simulate", fake_simulate)
     monkeypatch.setattr(tempfile, "tempdir", str(data))
     cfg = tiny_cfg.with_overrides({"federation.data_root": str(data), "federation.sites": 3})
     simulate.run_simulation(cfg, tmp_path / "run")
     assert seen and RUN_SITE_SNAPSHOTS not in seen
+    assert seen["during"] == before  # not even an empty folder while the run lasts
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
