@@ -69,17 +69,19 @@ def compiled_step(args, x: torch.Tensor, dp: bool):
     opt = torch.optim.Adam(params.values(), lr=1e-4)
     noise_gen = torch.Generator().manual_seed(1)
 
-    def losses(p, xb):
-        return model.per_sample_loss(xb, functional_call(model, p, (xb,)))
+    gen = torch.Generator().manual_seed(2)
 
-    def mean_grad(p, xb):
-        return grad(lambda q: losses(q, xb).mean())(p)
+    def losses(p, x_in, xb):
+        return model.per_sample_loss(xb, functional_call(model, p, (x_in,)))
 
-    def one(p, xi):
-        return losses(p, xi.unsqueeze(0)).sum()
+    def mean_grad(p, x_in, xb):
+        return grad(lambda q: losses(q, x_in, xb).mean())(p)
 
-    def clipped_sum(p, xb):
-        g = vmap(grad(one), in_dims=(None, 0))(p, xb)
+    def one(p, x_in, xi):
+        return losses(p, x_in.unsqueeze(0), xi.unsqueeze(0)).sum()
+
+    def clipped_sum(p, x_in, xb):
+        g = vmap(grad(one), in_dims=(None, 0, 0))(p, x_in, xb)
         norms = sum(v.flatten(1).pow(2).sum(1) for v in g.values()).sqrt()
         c = clip_factors(norms, MAX_GRAD_NORM, "flat")
         return {k: torch.einsum("b,b...->...", c, v) for k, v in g.items()}
@@ -88,7 +90,7 @@ def compiled_step(args, x: torch.Tensor, dp: bool):
 
     def step():
         detached = {k: v.detach() for k, v in params.items()}
-        grads = fn(detached, x)
+        grads = fn(detached, model.corrupt(x, gen), x)  # a denoising AE's corruption, as in eager
         if dp:
             sizes = [v.numel() for v in grads.values()]
             noise = torch.empty(sum(sizes)).normal_(0.0, NOISE_MULTIPLIER * MAX_GRAD_NORM, generator=noise_gen)
