@@ -121,10 +121,13 @@ def open_site(context: Context, *, for_training: bool) -> tuple[str, SiteTrainer
     if cfg.privacy.enabled and for_training:
         check_ledger_location(ledger_path, data_path)
         ledger = PrivacyLedger.for_config(cfg.privacy, site=name, path=ledger_path)
-    # Simulated sites share one read of each site between Ray actors; a deployed site reads its own folder.
-    snapshots = None if c.NODE_DATA_PATH in context.node_config else context.run_config.get(c.RUN_SITE_SNAPSHOTS)
+    # Simulated sites share one read of each site between Ray actors; a deployed site reads its own folder,
+    # in a process of its own for each message, so a train message leaves test/ unread.
+    deployed = c.NODE_DATA_PATH in context.node_config
+    snapshots = None if deployed else context.run_config.get(c.RUN_SITE_SNAPSHOTS)
     started = time.perf_counter()
-    data = load_site_data(data_path, cfg, name=name, snapshots=str(snapshots) if snapshots else None)
+    data = load_site_data(data_path, cfg, name=name, snapshots=str(snapshots) if snapshots else None,
+                          with_test=not (deployed and for_training))
     read_s = time.perf_counter() - started
     if c.NODE_DATA_PATH in context.node_config and not cfg.data.cache and read_s >= SLOW_READ_HINT_SECONDS:
         log.info("site %s: reading its images took %.0f s, again in every message (Flower starts a process for "

@@ -54,7 +54,7 @@ class SiteData:
     train_patients: np.ndarray  # [N] patient position of each training image
     val_images: np.ndarray
     test: Scan | None
-    skipped: int  # files the loader could not use (reasons stay on site)
+    skipped: int  # files the loader could not use (reasons stay on site); test/'s only when it was read
     inputs: dict = field(default_factory=dict)  # `Scan.input_kinds` of the training images
     # each image's contrast index (`Scan.contrast_index`), a CVAE's labels; None when all are read
     train_cond: np.ndarray | None = None
@@ -66,8 +66,11 @@ class SiteData:
 
 
 def load_site_data(root: str | Path, cfg: RunConfig, name: str | None = None,
-                   snapshots: str | Path | None = None) -> SiteData:
+                   snapshots: str | Path | None = None, *, with_test: bool = True) -> SiteData:
     """Read and split a site folder. Cached per process: rounds reuse the scan.
+
+    ``with_test=False``: test/ is not read (``SiteData.test`` is None), for a process
+    that only trains -- a deployed site's train message, in a process of its own.
 
     ``snapshots``: a folder only this user can read (``medae simulate`` makes one per
     run, outside every data folder, and deletes it at the end). The first process
@@ -87,7 +90,8 @@ def load_site_data(root: str | Path, cfg: RunConfig, name: str | None = None,
             log.warning("not keeping site %s's images in %s: only a folder of this user's alone, outside the "
                         "data, is used for that", name or root.name, snapshots)
             snapshots = None
-    return _load_site_data_cached(root, cfg.data, cfg.model.image_size, cfg.train.seed, name or root.name, snapshots)
+    return _load_site_data_cached(root, cfg.data, cfg.model.image_size, cfg.train.seed, name or root.name, snapshots,
+                                  with_test)
 
 
 SNAPSHOT_FORMAT = 1
@@ -95,14 +99,14 @@ SNAPSHOT_FORMAT = 1
 
 @functools.lru_cache(maxsize=8)
 def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: int, name: str,
-                           snapshots: Path | None = None) -> SiteData:
+                           snapshots: Path | None = None, with_test: bool = True) -> SiteData:
     if snapshots is None:
-        return _read_site_data(root, data, image_size, seed, name)
-    key = hashlib.sha256(repr((SNAPSHOT_FORMAT, str(root), data, image_size, seed, name)).encode()).hexdigest()
+        return _read_site_data(root, data, image_size, seed, name, with_test)
+    key = hashlib.sha256(repr((SNAPSHOT_FORMAT, str(root), data, image_size, seed, name, with_test)).encode()).hexdigest()
     path = snapshots / f"{key}.pickle"
     site = _load_snapshot(path, root, name)
     if site is None:
-        site = _read_site_data(root, data, image_size, seed, name)
+        site = _read_site_data(root, data, image_size, seed, name, with_test)
         try:  # no fsync: the folder lives as long as the run
             atomic_write(path, lambda fh: pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL), durable=False)
         except OSError as exc:  # a full disk costs the other processes a scan, nothing more
@@ -147,8 +151,9 @@ def _load_snapshot(path: Path, root: Path, name: str) -> SiteData | None:
     return site
 
 
-def _read_site_data(root: Path, data: DataConfig, image_size: int, seed: int, name: str) -> SiteData:
-    site = load_site(root, data, image_size)
+def _read_site_data(root: Path, data: DataConfig, image_size: int, seed: int, name: str,
+                    with_test: bool = True) -> SiteData:
+    site = load_site(root, data, image_size, with_test=with_test)
     scan = site.train
     train_idx, val_idx = split_patients(scan, data.val_fraction, seed)
     if len(val_idx) == 0:

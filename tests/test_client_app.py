@@ -234,6 +234,25 @@ def test_a_deployed_site_with_a_slow_read_is_told_about_the_image_cache(tiny_ben
     assert "site hospital-a: reading its images took" in caplog.text and "--image-cache" in caplog.text
 
 
+def test_a_deployed_train_message_leaves_the_test_images_unread(tiny_benchmark, tiny_cfg, tmp_path):
+    """Flower starts a process per message: a deployed site's train message reads train/ only, evaluate both."""
+    from client.app import open_site
+    from medae_core import contract as c
+
+    cfg = tiny_cfg.with_overrides({"data.percentile_high": 99.05})  # not in another test's lru
+    _, training, _ = open_site(_context(cfg, tiny_benchmark / "site-1", tmp_path / "a.jsonl"), for_training=True)
+    _, evaluating, _ = open_site(_context(cfg, tiny_benchmark / "site-1", tmp_path / "a.jsonl"), for_training=False)
+    assert training.data.test is None
+    assert evaluating.data.test is not None and len(evaluating.data.test.entries) > 0
+    assert np.array_equal(training.data.train_images, evaluating.data.train_images)
+    # A simulated site shares one read between every message of the run: test/ included.
+    simulated = Context(run_id=1, node_id=7, node_config={c.PARTITION_ID: 0}, state=RecordDict(),
+                        run_config=cfg.with_overrides({"federation.data_root": str(tiny_benchmark)}).to_flat()
+                        | {c.RUN_DIR: str(tmp_path / "run")})
+    _, simulated_training, _ = open_site(simulated, for_training=True)
+    assert simulated_training.data.test is not None
+
+
 def test_only_simulated_sites_keep_their_read_for_the_other_actors(tiny_benchmark, tiny_cfg, tmp_path):
     """The run config names a folder for site reads (`medae simulate`); a deployed site never writes its pixels there."""
     from client.app import open_site

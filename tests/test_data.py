@@ -427,6 +427,24 @@ def test_flat_site_trains_on_everything_except_test(tmp_path):
     assert flat.test is None and len(flat.train.entries) == 1
 
 
+def test_a_read_for_training_alone_leaves_test_unread_and_still_out_of_training(tmp_path, monkeypatch):
+    """``with_test=False`` (a deployed site's train message) decodes no test/ file, yet never trains on one."""
+    import medae_core.data.dataset as dataset
+
+    copy_into(tmp_path / "p1", "CT_small.dcm")
+    copy_into(tmp_path, "MR_small.dcm")
+    labelled_test_folder(tmp_path, "path,label\nsick.png,1\n")
+    listed = []
+    list_files = dataset.list_files
+    monkeypatch.setattr(dataset, "list_files", lambda folder, *a, **k: listed.append(folder) or list_files(folder, *a, **k))
+    calls = []
+    site = load_site(tmp_path, CFG, SIZE, progress=lambda done, total: calls.append((done, total)), with_test=False)
+    assert site.test is None
+    assert [e.path for e in site.train.entries] == ["MR_small.dcm", "p1/CT_small.dcm"]
+    assert tmp_path / "test" not in listed
+    assert {total for _, total in calls} == {2}  # progress counts only what is read
+
+
 def test_site_without_usable_images_names_folder_and_reasons(tmp_path):
     copy_into(tmp_path / "train", "rtplan.dcm", "MR_truncated.dcm")
     with pytest.raises(NoUsableImagesError) as info:

@@ -496,9 +496,14 @@ def read_checked(path: Path, rel: str, data: DataConfig) -> list[Slice]:
 
 
 # -- site layout -----------------------------------------------------------------
-def load_site(root: str | Path, data: DataConfig, image_size: int, progress: Progress | None = None) -> Site:
-    """Scan a site folder (train/ and optional test/); raise if training has no usable image."""
-    site = _read_site(Path(root), data, image_size, progress)
+def load_site(root: str | Path, data: DataConfig, image_size: int, progress: Progress | None = None, *,
+              with_test: bool = True) -> Site:
+    """Scan a site folder (train/ and optional test/); raise if training has no usable image.
+
+    ``with_test=False`` leaves test/ unread (``Site.test`` is None), for work that only
+    trains; test/ is still kept out of the training images when the site has no train/.
+    """
+    site = _read_site(Path(root), data, image_size, progress, with_test)
     if len(site.train.entries) == 0:
         raise NoUsableImagesError(_no_images_message(site.train))
     return site
@@ -527,8 +532,9 @@ def site_folders(root: str | Path) -> list[Path]:
     return sites
 
 
-def _read_site(root: Path, data: DataConfig, image_size: int, progress: Progress | None) -> Site:
-    """Both parts of a site, listed first so that progress counts over all files."""
+def _read_site(root: Path, data: DataConfig, image_size: int, progress: Progress | None,
+               with_test: bool = True) -> Site:
+    """Both parts of a site (test/ only ``with_test``), listed first so that progress counts over all files."""
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     root = Path(os.path.normpath(root.absolute()))
@@ -540,11 +546,12 @@ def _read_site(root: Path, data: DataConfig, image_size: int, progress: Progress
         train_root, train_listing = train_dir, list_files(train_dir)
     else:
         train_root, train_listing = root, list_files(root, exclude=["test"] if has_test else [])
-    test_listing = list_files(test_dir) if has_test else ([], [])
+    read_test = has_test and with_test
+    test_listing = list_files(test_dir) if read_test else ([], [])
     total = len(train_listing[0]) + len(test_listing[0])
     train = _scan_files(train_root, *train_listing, data, image_size, None, _offset(progress, 0, total))
     test = None
-    if has_test:
+    if read_test:
         labels = test_dir / LABELS_FILE
         labels_csv = labels if labels.is_file() else None
         test_progress = _offset(progress, len(train_listing[0]), total)
