@@ -137,7 +137,8 @@ def main(argv=None) -> None:
           f"load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     for name, v in ms.items():
         ratio = statistics.median(b / t for b, t in zip(ms["nondp"], v))
-        print(f"  {name:10s} {statistics.median(v):6.1f} ms a step (min {min(v):.1f})   speed against nondp {ratio:.2f}")
+        print(f"  {name:10s} {statistics.median(v):6.1f} ms a step (min {min(v):.1f})   "
+              f"speed against nondp {ratio:.2f}")
     per = {k: v / overlap.steps * 1000 for k, v in overlap.seconds.items()}
     print(f"  bk_thread, per step: autograd backward {per['backward']:.1f} ms on the main thread, per-layer work "
           f"{per['worker']:.1f} ms on the worker, then the main thread waits {per['wait']:.1f} ms")

@@ -102,7 +102,8 @@ def _load_site_data_cached(root: Path, data: DataConfig, image_size: int, seed: 
                            snapshots: Path | None = None, with_test: bool = True) -> SiteData:
     if snapshots is None:
         return _read_site_data(root, data, image_size, seed, name, with_test)
-    key = hashlib.sha256(repr((SNAPSHOT_FORMAT, str(root), data, image_size, seed, name, with_test)).encode()).hexdigest()
+    identity = (SNAPSHOT_FORMAT, str(root), data, image_size, seed, name, with_test)
+    key = hashlib.sha256(repr(identity).encode()).hexdigest()
     path = snapshots / f"{key}.pickle"
     site = _load_snapshot(path, root, name)
     if site is None:

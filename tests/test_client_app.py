@@ -235,7 +235,7 @@ def test_a_deployed_site_with_a_slow_read_is_told_about_the_image_cache(tiny_ben
 
 
 def test_a_deployed_train_message_leaves_the_test_images_unread(tiny_benchmark, tiny_cfg, tmp_path):
-    """Flower starts a process per message: a deployed site's train message reads train/ only, evaluate both."""
+    """Flower starts a process per message: a deployed train message reads train/ only, an evaluate one both."""
     from client.app import open_site
     from medae_core import contract as c
 

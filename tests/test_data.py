@@ -436,7 +436,8 @@ def test_a_read_for_training_alone_leaves_test_unread_and_still_out_of_training(
     labelled_test_folder(tmp_path, "path,label\nsick.png,1\n")
     listed = []
     list_files = dataset.list_files
-    monkeypatch.setattr(dataset, "list_files", lambda folder, *a, **k: listed.append(folder) or list_files(folder, *a, **k))
+    monkeypatch.setattr(dataset, "list_files",
+                        lambda folder, *a, **k: listed.append(folder) or list_files(folder, *a, **k))
     calls = []
     site = load_site(tmp_path, CFG, SIZE, progress=lambda done, total: calls.append((done, total)), with_test=False)
     assert site.test is None
