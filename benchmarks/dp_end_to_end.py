@@ -131,7 +131,7 @@ def federation(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_file.write_text(f"[federation]\nbenchmark_patients = {args.patients}\nevaluate_every = {args.rounds}\n")
     cmd = [sys.executable, "-m", "medae", "simulate", "--config", str(cfg_file), "--sites", str(args.sites),
-           "--rounds", str(args.rounds), "--out", str(out)]
+           "--rounds", str(args.rounds), "--out", str(out), "--no-reference"]  # the federation alone
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sim_wall = time.perf_counter() - t0

@@ -84,7 +84,7 @@ def simulate(name: str, out: Path, data: Path, sections: dict, no_dp: bool) -> t
             sections = sections | {"train": sections.get("train", {}) | {"epochs": 2}}
         cfg = toml(out / f"{name}.toml", sections)
         start = time.perf_counter()
-        cmd = [*MEDAE, "simulate", "--config", str(cfg), "--data", str(data), "--out", str(run)]
+        cmd = [*MEDAE, "simulate", "--config", str(cfg), "--data", str(data), "--out", str(run), "--no-reference"]
         subprocess.run(cmd + (["--no-dp"] if no_dp else []), check=True)
         (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     return run / "model", float((run / "wall_seconds.txt").read_text())

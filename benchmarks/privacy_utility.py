@@ -94,7 +94,7 @@ def run_size(out: Path, patients: int, epsilons: list[float], base: RunConfig) -
         log.info("patients/site %d, ε=%s: federation", patients, key)
         if not (run_dir / "metrics.json").exists() or json.loads((run_dir / "metrics.json").read_text()).get(
                 "rounds_done") != cfg.federation.rounds:
-            prepare_and_run(cfg, run_dir)
+            prepare_and_run(cfg.with_overrides({"federation.reference": False}), run_dir)  # its own rows below
         bundle = load_bundle(run_dir / "model")
         model = bundle.build_model().to(device)
         rows = {"federated": evaluate_model(model, test, cfg, device, None)["image_auroc"]}

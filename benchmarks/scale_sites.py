@@ -92,7 +92,7 @@ def one_size(n: int, patients: int, rounds: int, out: Path, timeout: float, cach
         shutil.rmtree(out / f"cache-{n}", ignore_errors=True)
         env["MEDAE_CACHE_DIR"] = str(out / f"cache-{n}")
     cmd = [sys.executable, "-m", "medae", "simulate", "--config", str(config), "--data", str(data),
-           "--sites", str(n), "--rounds", str(rounds), "--out", str(run)]
+           "--sites", str(n), "--rounds", str(rounds), "--out", str(run), "--no-reference"]  # the federation alone
     log = (out / f"run-{tag}.log").open("w")
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)

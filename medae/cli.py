@@ -158,6 +158,9 @@ def cmd_train_local(args) -> int:
         out.print(NOT_PRIVATE_AGAINST_COORDINATOR, style="bold red", soft_wrap=True)
     if "test" in summary:
         out.print(results_table({"model": summary["test"], "intensity baseline": summary["baseline_intensity"]}))
+        if priv["enabled"]:
+            out.print("non-private reference: not computed here; the same command with --no-dp trains one on this site",
+                      soft_wrap=True)
     return 0
 
 
@@ -252,6 +255,7 @@ def cmd_simulate(args) -> int:
         "train.device": args.device,
         "train.init": args.init,
         "privacy.enabled": False if args.no_dp else None,
+        "federation.reference": False if args.no_reference else None,
     })
     quiet_flower(args.verbose)
     with follow_simulation(Path(args.out), cfg):
@@ -261,7 +265,10 @@ def cmd_simulate(args) -> int:
         rows["intensity threshold"] = metrics["intensity_baseline"]
     rows.update({k: v for k, v in (metrics.get("baselines") or {}).items()})
     out.print(results_table(rows))
-    from medae_core.report import verdict
+    from medae_core.report import REFERENCE_NOT_COMPUTED, verdict
+
+    if verdict(metrics)["reference"] is None:
+        out.print(f"non-private reference: {REFERENCE_NOT_COMPUTED}", soft_wrap=True)
 
     for warning in verdict(metrics)["warnings"]:
         out.print(warning, style="bold red", soft_wrap=True)
@@ -601,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_init_option(p)
     p.add_argument("--baselines", action="store_true",
                    help="also train centralized (DP and non-DP) and per-site models, and the intensity baseline")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the non-private reference (centralized training without DP, trained after the "
+                        "federation unless federation.reference = false)")
     add_device_option(p)
 
     p = _command(sub, "server", "coordinator: run the federation's server (Flower SuperLink) and one run",

@@ -26,11 +26,12 @@ from medae_core.fileio import ensure_outside
 log = logging.getLogger(__name__)
 
 
-def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
+def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None, after=None) -> Path:
     """Run the federation described by ``cfg``; return the run folder.
 
     ``client_app``: what every node runs; medae's own ClientApp (``client.app``)
-    unless a test passes another (e.g. a hostile site's).
+    unless a test passes another (e.g. a hostile site's). ``after(snapshots)``: called
+    once the federation is done, while its folder of site reads (or None) still exists.
     """
     # Flower and Ray are imported in `_simulate`, so that the rest of the CLI starts fast.
     if client_app is None:
@@ -57,6 +58,8 @@ def run_simulation(cfg: RunConfig, run_dir: Path, client_app=None) -> Path:
         log.info("each site is read by every Ray actor: the temporary folder would be inside %s", root)
     try:
         _simulate(cfg, run_dir, client_app, extra)
+        if after is not None:
+            after(snapshots)
     finally:
         if snapshots is not None:
             shutil.rmtree(snapshots, ignore_errors=True)
@@ -132,7 +135,11 @@ def _exit_event():
 
 
 def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -> dict:
-    """Data (the built-in benchmark unless a root is given), simulation, baselines, report."""
+    """Data (the built-in benchmark unless a root is given), simulation, baselines, report.
+
+    ``baselines``: every baseline row (`medae_core.baselines`); otherwise, with
+    ``federation.reference``, the non-private reference and the intensity threshold.
+    """
     import json
 
     from medae_core.benchmark import CONTRASTS, make_benchmark
@@ -155,9 +162,24 @@ def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -
             raise ConfigError(f"{root} holds a benchmark of {written}, but this run reads {', '.join(contrasts)}: "
                               "use a new --out")
         cfg = cfg.with_overrides({"federation.data_root": str(root.resolve())})
-    run_simulation(cfg, run_dir)
-    if baselines:
-        from medae_core.baselines import add_baselines
-
-        return add_baselines(run_dir, cfg)
+    after = None
+    if baselines or cfg.federation.reference:
+        def after(snapshots):
+            _add_baselines(run_dir, cfg, full=baselines, snapshots=snapshots)
+    run_simulation(cfg, run_dir, after=after)
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _add_baselines(run_dir: Path, cfg: RunConfig, *, full: bool, snapshots: Path | None) -> None:
+    """The baselines into the finished run's metrics and report; the reference alone is skipped for a failed run."""
+    import json
+
+    from medae_core.baselines import add_baselines
+    from medae_core.federated import run_failure
+
+    if not full:
+        why = run_failure(json.loads((run_dir / "metrics.json").read_text()))
+        if why is not None:
+            log.warning("no non-private reference: %s", why)
+            return
+    add_baselines(run_dir, cfg, full=full, snapshots=snapshots)

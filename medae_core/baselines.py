@@ -8,6 +8,8 @@ sets of the given sites, so the rows of one table compare like with like:
 - each site alone, with DP: what a hospital gets without federating;
 - intensity threshold: the plain baseline that beats many autoencoders on
   bright lesions.
+``medae simulate`` computes the federated, non-private reference and intensity rows by
+default (``federation.reference``), and every row with ``--baselines``.
 Centralized and single-site models train for rounds × epochs epochs, the same
 budget of passes as a federated site (without DP: for as many images as with DP). A simulation's ledgers are its own
 (``OUT/ledgers``), never a real site's.
@@ -58,12 +60,18 @@ def train_and_evaluate(data: SiteData, cfg: RunConfig, test: LabelledSet, ledger
     return out
 
 
-def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: Path | None = None) -> dict:
+def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: Path | None = None, *,
+                  full: bool = True, snapshots: Path | None = None) -> dict:
+    """Every row (``full``), or only the reference rows: the federated model scored exactly, the
+    centralized model without DP (the non-private reference) and the intensity threshold.
+
+    ``snapshots``: the simulation's folder of site reads, while it lasts (`load_site_data`).
+    """
     from medae_core.devices import resolve_device
 
     out_dir = Path(out_dir)
     ensure_start(cfg)
-    data = [load_site_data(s, cfg) for s in sites]
+    data = [load_site_data(s, cfg, snapshots=snapshots) for s in sites]
     test = LabelledSet.pooled([d.test for d in data])
     if test is None:
         log.warning("no site has test labels: baselines need labelled test data")
@@ -76,27 +84,29 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
         threshold = bundle.threshold.value if bundle.threshold else None
         results["federated (exact)"] = evaluate_model(bundle.build_model().to(device), test, cfg, device, threshold)
     pooled = pool_sites(data)
-    if cfg.privacy.enabled:
+    if full and cfg.privacy.enabled:
         log.info("baseline: centralized training with DP")
         results["centralized, DP"] = train_and_evaluate(pooled, long, test, out_dir / "ledgers")
-    log.info("baseline: centralized training without DP")
     # Without DP an epoch is every image, not one slice per patient: train for as
     # many images as the DP runs see, so that the rows differ by privacy alone.
     nondp_epochs = max(1, round(long.train.epochs * pooled.n_train_patients / len(pooled.train_images)))
+    log.info("non-private reference: centralized training without DP, %d sites pooled, %d images, %d epoch%s",
+             len(data), len(pooled.train_images), nondp_epochs, "" if nondp_epochs == 1 else "s")
     results["centralized, no DP"] = train_and_evaluate(
         pooled, long.with_overrides({"privacy.enabled": False, "train.epochs": nondp_epochs}), test,
         out_dir / "ledgers")
-    for site in data:
+    for site in data if full else ():
         log.info("baseline: %s alone", site.name)
         results[f"{site.name} alone"] = train_and_evaluate(site, long, test, out_dir / "ledgers")
     results["intensity threshold"] = intensity_metrics(test, cfg)
     return results
 
 
-def add_baselines(run_dir: Path, cfg: RunConfig) -> dict:
+def add_baselines(run_dir: Path, cfg: RunConfig, *, full: bool = True, snapshots: Path | None = None) -> dict:
     """After a simulated federation: its baselines into RUN/metrics.json, and the report redrawn with them.
 
-    ``cfg`` is the run's (``federation.data_root`` set). Returns the metrics.
+    ``cfg`` is the run's (``federation.data_root`` set); ``full`` and ``snapshots`` as in
+    `run_baselines`. Returns the metrics.
     """
     import json
 
@@ -106,7 +116,8 @@ def add_baselines(run_dir: Path, cfg: RunConfig) -> dict:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     sites = site_folders(Path(cfg.federation.data_root))[: cfg.federation.sites]
-    metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model")
+    metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model", full=full,
+                                         snapshots=snapshots)
     write_metrics(run_dir, metrics)
     # The ServerApp wrote the report; it is rewritten only to add the baselines.
     write_report(run_dir, metrics, load_bundle(run_dir / "model"), reference=reference_images(cfg))

@@ -281,7 +281,8 @@ def evaluate(
     Pixel metrics use the images that have a mask plus every healthy image
     (label 0), whose mask is taken as all-negative.
 
-    Returns image_auroc, image_auprc, image_tpr, image_fpr, pixel_auroc,
+    Returns image_auroc, image_auprc, image_tpr, image_fpr (and the same as sensitivity and
+    specificity), pixel_auroc,
     pixel_auprc, dice_best, dice_best_threshold, dice_at_threshold, threshold,
     pixel_threshold, n_images, n_anomalous, n_healthy, n_pixel_images,
     n_pixel_images_with_lesion, n_pixels, n_positive_pixels, and ``notes``: a
@@ -307,7 +308,11 @@ def evaluate(
             f"{res['n_anomalous']} anomalous"
         )
     res["threshold"] = None if threshold is None else float(threshold)
-    res.update(image_rates(s, y, threshold) if threshold is not None else {"image_tpr": None, "image_fpr": None})
+    rates = image_rates(s, y, threshold) if threshold is not None else {"image_tpr": None, "image_fpr": None}
+    res.update(rates)
+    # Under the names pooled results use (`federated.rates_at_threshold`): exact and pooled rows fill one table.
+    res["sensitivity"] = rates["image_tpr"]
+    res["specificity"] = None if rates["image_fpr"] is None else 1.0 - rates["image_fpr"]
 
     sel, gt = evaluated_images(y, gt_masks, has_mask, m.shape)
     res["n_pixel_images"] = int(sel.sum())

@@ -152,6 +152,8 @@ def reference_figures(bundle, reference) -> list[str]:
 
 
 NEAR_CHANCE = 0.6  # image AUROC below this is reported as near chance
+REFERENCE_NOT_COMPUTED = ("not computed: medae simulate trains it after the federation (unless --no-reference); "
+                          "a deployed server cannot, as no image leaves a site")
 
 
 def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +192,7 @@ def _summary_html(metrics: dict[str, Any], cfg) -> str:
     start = (f"Started from a public model ({html.escape(str(init.get('data', '')))}; "
              f"config {html.escape(str(init.get('config_hash', '?')))})" if init
              else "Started from a random initialisation (no public pretraining)")
-    ref = num(v["reference"]) if v["reference"] is not None else "not computed (run with --baselines)"
+    ref = num(v["reference"]) if v["reference"] is not None else html.escape(REFERENCE_NOT_COMPUTED)
     cost = (f"ε = {v['epsilon']:.2f} of {cfg.privacy.budget_epsilon:g} per site (δ = {format_delta(cfg.privacy.delta)}, "
             f"per {cfg.privacy.unit})" if cfg.privacy.enabled and v["epsilon"] is not None
             else "no differential privacy" if not cfg.privacy.enabled else "–")

@@ -86,6 +86,7 @@ def test_train_local_then_score_detects_lesions(local_site, tmp_path, capsys):
                  "--no-dp"]) == 0
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["privacy"]["enabled"] is False
+    assert "non-private reference" not in capsys.readouterr().out  # this run is the non-private one
     assert (run / "model" / "weights.pt").is_file() and (run / "model" / "bundle.json").is_file()
 
     out = tmp_path / "scores"
@@ -116,7 +117,9 @@ def test_train_local_with_dp_reports_epsilon_within_budget(tiny_benchmark, tmp_p
     assert privacy["enabled"] and privacy["unit"] == "patient"
     assert 0 < privacy["epsilon"] <= privacy["budget_epsilon"] == 50.0
     assert privacy["epsilon"] == pytest.approx(PrivacyLedger.open(ledger).epsilon())
-    assert "ε =" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "ε =" in printed
+    assert "intensity baseline" in printed and "non-private reference: not computed here" in printed
 
 
 def test_score_refuses_to_write_into_the_data_folder(tiny_benchmark, tmp_path, capsys):

@@ -151,6 +151,10 @@ def test_evaluate_combines_image_and_pixel_metrics():
     assert res["dice_at_threshold"] == 1.0
     assert evaluate(maps, scores, labels, gt, has_mask, 0.5, pixel_threshold=2.0)["dice_at_threshold"] == 0.0
     assert res["notes"] == []
+    # Sensitivity and specificity, as the pooled rows name them, so an exact row fills the same table columns.
+    for threshold, sensitivity, specificity in ((0.85, 0.5, 1.0), (0.15, 1.0, 0.5), (None, None, None)):
+        r = evaluate(maps, scores, labels, gt, has_mask, threshold=threshold)
+        assert (r["sensitivity"], r["specificity"]) == (sensitivity, specificity), threshold
 
 
 def test_evaluate_without_masks_or_anomalies_never_raises():

@@ -30,7 +30,7 @@ def test_the_summary_shows_the_baseline_reference_and_cost_next_to_the_model():
     assert "ε = 7.95 of 8" in page and "1e-05" in page
     assert "random initialisation" in page
     without = _summary_html(metrics(0.88, 0.78), RunConfig())
-    assert "run with --baselines" in without
+    assert "not computed" in without and "--no-reference" in without
     started = metrics(0.88, 0.78) | {"init": {"data": "medae built-in public set", "config_hash": "abc"}}
     assert "built-in public set" in _summary_html(started, RunConfig())
 

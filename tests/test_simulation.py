@@ -43,9 +43,12 @@ def simulated(tiny_benchmark, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads((run / "metrics.json").read_text())
     first["output"] = done.stdout + done.stderr
+    first["report"] = (run / "report.html").read_text()
     args[args.index("--rounds") + 1] = "2"
-    assert main(args) == 0  # same run folder: resumes after round 1
-    return run, first, json.loads((run / "metrics.json").read_text())
+    assert main([*args, "--no-reference"]) == 0  # same run folder: resumes after round 1
+    second = json.loads((run / "metrics.json").read_text())
+    second["report"] = (run / "report.html").read_text()
+    return run, first, second
 
 
 def test_output_to_a_pipe_is_plain_text_without_flower_noise(simulated):
@@ -58,6 +61,22 @@ def test_output_to_a_pipe_is_plain_text_without_flower_noise(simulated):
     assert "Ray deduplicates logs" not in output and "Manually terminating" not in output
     assert "benchmark site-" not in output  # the report's stray data summary
     assert any(len(line) > 80 for line in output.splitlines() if "┃" in line)  # the table is not cut at 80 columns
+
+
+def test_the_non_private_reference_sits_next_to_the_model_unless_skipped(simulated):
+    _, first, second = simulated
+    rows = first["baselines"]
+    assert set(rows) == {"federated (exact)", "centralized, no DP", "intensity threshold"}  # not every baseline
+    test_set = {(r["n_images"], r["n_anomalous"]) for r in rows.values()}
+    assert len(test_set) == 1  # every row scored on the same pooled test set
+    reference = rows["centralized, no DP"]["image_auroc"]
+    assert 0.0 <= reference <= 1.0 and rows["centralized, no DP"]["epsilon"] is None
+    assert "centralized, no DP" in first["output"] and "non-private reference: not computed" not in first["output"]
+    glance = first["report"].split("<h2>At a glance</h2>", 1)[1].split("</table>", 1)[0]
+    assert f"{reference:.3f}" in glance
+    # --no-reference: the resumed run's metrics and report have no reference, and say why.
+    assert "baselines" not in second
+    assert "not computed" in second["report"].split("<h2>At a glance</h2>", 1)[1].split("</table>", 1)[0]
 
 
 def test_metrics_json_schema(simulated):
