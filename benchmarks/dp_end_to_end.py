@@ -2,6 +2,7 @@
 
     python benchmarks/dp_end_to_end.py site  [--patients 75] [--epochs 4] [--reps 2]
     python benchmarks/dp_end_to_end.py federation [--sites 3] [--rounds 4] [--patients 165]
+    python benchmarks/dp_end_to_end.py simround [--data ROOT] [--rounds 3] [--reps 2]
 
 ``site``: one site's training round as `medae train-local` and a ClientApp run it
 (`SiteTrainer.train_round`: plan, noise calibration and ledger reservation under
@@ -23,6 +24,16 @@ with the same total sample-steps (the sum over rounds and sites of each site's
 planned steps at its expected batch), in this process, with 1 and with 2 torch
 threads. Round 1 carries the one-time start-up (Ray, actors, imports), so the
 comparison is over rounds 2..R and the start-up is reported on its own.
+
+``simround``: a simulated round, DP against non-DP: `medae simulate` on the same sites
+(the built-in benchmark's 3 sites of 165 patients unless ``--data``), the default
+configuration against ``--no-dp`` with ``train.epochs = 1`` (an epoch without DP is every
+image, so one epoch is about as many images as a DP round's ten epochs of one slice per
+patient), alternating, ``--reps`` times, evaluation in the last round only. From each run's
+metrics, rounds 2..R: each site's images per second in its training loop (`train()`, the
+site's reported ``seconds``) and the round's images per second (the server's training
+phase: every site's whole message -- plan, calibration, ledger, training -- with Flower
+and Ray, 2 actors).
 
 Prints Markdown; ``--json FILE`` keeps the numbers.
 """
@@ -188,6 +199,59 @@ def federation_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- a simulated round --------------------------------------------------------------
+def simround(args) -> dict:
+    from medae_core.benchmark import make_benchmark
+
+    at_start = machine()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data) if args.data else out / "data"
+    if not args.data and not (data / "benchmark.json").exists():
+        make_benchmark(data, sites=3, patients=165, test_patients=15, seed=0)
+    configs = {"DP": f"[federation]\nevaluate_every = {args.rounds}\n",
+               "non-DP": f"[federation]\nevaluate_every = {args.rounds}\n[train]\nepochs = 1\n"}
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    commands = {}
+    for rep in range(args.reps):
+        for name, text in configs.items():
+            cfg_file = out / f"{name}.toml"
+            cfg_file.write_text(text)
+            run = out / f"{name}-{rep}"
+            cmd = [sys.executable, "-m", "medae", "simulate", "--config", str(cfg_file), "--data", str(data),
+                   "--rounds", str(args.rounds), "--out", str(run), "--no-reference"]
+            if name == "non-DP":
+                cmd.append("--no-dp")
+            commands[name] = " ".join(cmd[3:])
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rounds = json.loads((run / "metrics.json").read_text())["rounds"][1:]
+            sites = [s for r in rounds for s in r["sites"].values() if s.get("status") == "ok"]
+            res = dict(site_img_s=statistics.median(s["num_examples"] / s["seconds"] for s in sites),
+                       round_img_s=statistics.median(sum(s["num_examples"] for s in r["sites"].values())
+                                                     / r["train_seconds"] for r in rounds),
+                       images_per_site_round=statistics.median(s["num_examples"] for s in sites),
+                       round_seconds=statistics.median(r["train_seconds"] for r in rounds))
+            runs[name].append(res)
+            print(f"{name} rep {rep}: {res}", flush=True)
+    return dict(kind="simround", rounds=args.rounds, reps=args.reps, runs=runs, commands=commands,
+                machine=at_start)
+
+
+def simround_markdown(res: dict) -> str:
+    med = {name: {k: statistics.median(r[k] for r in reps) for k in reps[0]} for name, reps in res["runs"].items()}
+    dp = med["DP"]
+    lines = [f"A simulated round, rounds 2-{res['rounds']}, medians over {res['reps']} alternating runs of each. "
+             f"Machine: {res['machine']}.", "",
+             "| run | images per site and round | round s | images/s in a site's train() | images/s, round "
+             "| DP / this, train() | DP / this, round |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in med.items():
+        lines.append(f"| {name} | {m['images_per_site_round']:.0f} | {m['round_seconds']:.1f} | {m['site_img_s']:.0f} "
+                     f"| {m['round_img_s']:.0f} | {dp['site_img_s'] / m['site_img_s']:.2f} "
+                     f"| {dp['round_img_s'] / m['round_img_s']:.2f} |")
+    lines += ["", *(f"- {name}: `medae {cmd}`" for name, cmd in res["commands"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -200,13 +264,20 @@ def main(argv=None) -> None:
     f.add_argument("--rounds", type=int, default=4)
     f.add_argument("--patients", type=int, default=165)
     f.add_argument("--out", default="runs/dp-e2e-federation")
-    for q in (s, f):
+    r = sub.add_parser("simround")
+    r.add_argument("--data", help="federation root (default: the built-in benchmark, written under --out)")
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--reps", type=int, default=2)
+    r.add_argument("--out", default="runs/dp-e2e-simround")
+    for q in (s, f, r):
         q.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     os.environ.setdefault("MEDAE_HOME", tempfile.mkdtemp(prefix="dp-e2e-home-"))  # ledgers stay out of the user's
-    res = site(args) if args.what == "site" else federation(args)
+    run, markdown = {"site": (site, site_markdown), "federation": (federation, federation_markdown),
+                     "simround": (simround, simround_markdown)}[args.what]
+    res = run(args)
     print(f"\nCommand: `python benchmarks/dp_end_to_end.py {' '.join(sys.argv[1:])}`\n")
-    print(site_markdown(res) if args.what == "site" else federation_markdown(res))
+    print(markdown(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 
