@@ -212,7 +212,7 @@ class FederationConfig:
     evaluate_every: int = 1  # evaluate every N rounds; the last round always does
     # Simulation only: after the run, train the non-private reference (centralized, no DP, on the
     # sites' pooled training images) and score it and the intensity threshold exactly on the pooled
-    # test set, so the report puts the model between the two. A deployment cannot: no image leaves a site.
+    # test set, so the report shows the model next to both. A deployment cannot: no image leaves a site.
     reference: bool = True  # simulation: also train the non-private reference (centralized, no DP)
     proximal_mu: float = 0.01  # FedProx
     server_lr: float = 0.01  # FedAdam (eta)
