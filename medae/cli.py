@@ -180,7 +180,9 @@ def cmd_score(args) -> int:
     for warning in summary.get("warnings", []):
         out.print(Text.assemble(("warning: ", "bold yellow"), warning), soft_wrap=True)
     if "metrics" in summary:
-        out.print(results_table({"model": summary["metrics"]}))
+        out.print(results_table({"model": summary["metrics"], "intensity baseline": summary["baseline_intensity"]}))
+        out.print("non-private reference: a training run's (medae simulate's report, or train-local --no-dp), "
+                  "not computed when scoring", soft_wrap=True)
     return 0
 
 

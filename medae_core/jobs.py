@@ -115,7 +115,7 @@ def score_folder(model_path: Path, input_dir: Path, out: Path, *, device=None, h
                                      title=f"score {scores[i]:.4g}", gt_mask=gt)
                 if progress:
                     progress(i + 1, len(names))
-        summary = _score_summary(scan, maps, scores, threshold)
+        summary = _score_summary(scan, maps, scores, threshold, cfg)
         summary["warnings"] = input_mismatch(bundle, scan, scores, threshold)
         write_json(stage / "summary.json", summary)
     return summary
@@ -156,7 +156,7 @@ def _write_scores(path: Path, scan, scores: np.ndarray, threshold: float | None,
                              f"{score:.6g}", flag, f"heatmaps/{heatmaps[i]}" if heatmaps else ""])
 
 
-def _score_summary(scan, maps: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
+def _score_summary(scan, maps: np.ndarray, scores: np.ndarray, threshold: float | None, cfg: RunConfig) -> dict:
     summary = {
         "images": len(scan.entries),
         "skipped": [{"path": printable_path(s.path), "reason": s.reason} for s in scan.skipped],
@@ -166,4 +166,5 @@ def _score_summary(scan, maps: np.ndarray, scores: np.ndarray, threshold: float 
     test = LabelledSet.of(scan)
     if test is not None:
         summary["metrics"] = judge(test, maps[test.index], scores[test.index], threshold)
+        summary["baseline_intensity"] = intensity_metrics(test, cfg)  # the same images, as train-local reports it
     return summary

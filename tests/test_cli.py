@@ -91,6 +91,12 @@ def test_train_local_then_score_detects_lesions(local_site, tmp_path, capsys):
 
     out = tmp_path / "scores"
     assert main(["score", "--model", str(run), "--input", str(local_site / "test"), "--out", str(out)]) == 0
+    scored = json.loads((out / "summary.json").read_text())
+    model, baseline = scored["metrics"], scored["baseline_intensity"]  # on the same labelled images
+    assert (baseline["n_images"], baseline["n_anomalous"]) == (model["n_images"], model["n_anomalous"])
+    assert 0.0 <= baseline["image_auroc"] <= 1.0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "intensity baseline" in printed and "non-private reference" in printed
     with (out / "scores.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     with (local_site / "test" / "labels.csv").open() as fh:
