@@ -418,6 +418,9 @@ def cmd_server(args) -> int:
         metrics = serve(cfg, opts, progress=on_round, echo=flower_echo(args.verbose))
     out.print(results_table({"federated": metrics.get("test"),
                              "intensity threshold": metrics.get("intensity_baseline")}))
+    from medae_core.report import REFERENCE_NOT_COMPUTED
+
+    out.print(f"non-private reference: {REFERENCE_NOT_COMPUTED}", soft_wrap=True)
     out.print(f"report: {args.out / 'report.html'}; model: {args.out / 'model'}")
     return _exit_if_untrained(metrics)
 

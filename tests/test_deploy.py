@@ -243,6 +243,9 @@ def test_two_rounds_complete_and_the_bundle_is_written(deployment):
     assert bundle.info["round"] == 2 and bundle.threshold is not None
     assert (run_dir / "report.html").stat().st_size > 0
     assert "round 1/1" in deployment["output"]["server"] and "round 2/2" in deployment["output"]["server-again"]
+    # The server holds no images: it shows the intensity baseline and says why there is no non-private reference.
+    printed = " ".join(deployment["output"]["server-again"].split())
+    assert "intensity threshold" in printed and "a deployed server cannot" in printed
 
 
 def test_a_restarted_server_resumes_the_run_and_privacy_spending_continues(deployment):
