@@ -182,6 +182,16 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
             "epsilon": max(eps) if eps else None, "warnings": warnings}
 
 
+def _privacy_cost(model: float, reference: float | None, private: bool) -> str:
+    """The banner's clause on the non-private reference: what privacy (and federation) cost, or that it cost nothing."""
+    if reference is None:
+        return ""
+    what = "privacy and federation cost" if private else "federation cost"
+    if model < reference:
+        return f"; {what} {reference - model:.3f} against the non-private reference's {reference:.3f}"
+    return f"; at or above the non-private reference's {reference:.3f}"
+
+
 def _summary_html(metrics: dict[str, Any], cfg) -> str:
     v = verdict(metrics)
 
@@ -204,7 +214,7 @@ def _summary_html(metrics: dict[str, Any], cfg) -> str:
     if v["model"] is not None and not v["warnings"]:
         banners = (f"<p class=ok>The model learned: image AUROC {v['model']:.3f}"
                    + (f", above the intensity threshold's {v['baseline']:.3f}" if v["baseline"] is not None else "")
-                   + ".</p>")
+                   + _privacy_cost(v["model"], v["reference"], cfg.privacy.enabled) + ".</p>")
     return ("<h2>At a glance</h2>" + banners
             + _table(["", "image AUROC / cost"], rows) + f"<p class=note>{html.escape(start)}.</p>")
 

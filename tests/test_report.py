@@ -29,8 +29,12 @@ def test_the_summary_shows_the_baseline_reference_and_cost_next_to_the_model():
     assert "0.880" in page and "0.780" in page and "0.910" in page
     assert "ε = 7.95 of 8" in page and "1e-05" in page
     assert "random initialisation" in page
+    assert "privacy and federation cost 0.030 against the non-private reference" in page
+    no_dp = _summary_html(metrics(0.88, 0.78, reference=0.91), RunConfig().with_overrides({"privacy.enabled": False}))
+    assert "; federation cost 0.030" in no_dp
+    assert "at or above the non-private reference" in _summary_html(metrics(0.92, 0.78, reference=0.91), RunConfig())
     without = _summary_html(metrics(0.88, 0.78), RunConfig())
-    assert "not computed" in without and "--no-reference" in without
+    assert "not computed" in without and "--no-reference" in without and "cost 0." not in without
     started = metrics(0.88, 0.78) | {"init": {"data": "medae built-in public set", "config_hash": "abc"}}
     assert "built-in public set" in _summary_html(started, RunConfig())
 
