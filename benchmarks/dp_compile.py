@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
+from dp_overlap import time_interleaved  # noqa: E402
 from medae_core.config import ModelConfig  # noqa: E402
 from medae_core.dp_clipping import clip_factors  # noqa: E402
 from medae_core.dp_step import Stepper  # noqa: E402
@@ -133,13 +134,7 @@ def main(argv=None) -> None:
         step()
         warmup[name] = time.perf_counter() - t0
         print(f"{name}: two warm-up steps (compilation included) {warmup[name]:.1f} s", flush=True)
-    ms = {name: [] for name in steps}
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            ms[name].append((time.perf_counter() - t0) / args.steps * 1000)
+    ms = time_interleaved(steps, args.reps, args.steps)
     base = ms["eager non-DP"]
     lines = [
         f"Command: `python benchmarks/dp_compile.py {' '.join(sys.argv[1:] if argv is None else argv)}`",

@@ -202,21 +202,25 @@ def federation_markdown(res: dict) -> str:
 # -- a simulated round --------------------------------------------------------------
 def simround(args) -> dict:
     from medae_core.benchmark import make_benchmark
+    from medae_core.config import RunConfig
 
     at_start = machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data"
-    if not args.data and not (data / "benchmark.json").exists():
-        make_benchmark(data, sites=3, patients=165, test_patients=15, seed=0)
+    if not args.data and not (data / "benchmark.json").exists():  # the quick start's sites
+        fed = RunConfig().federation
+        make_benchmark(data, sites=fed.sites, patients=fed.benchmark_patients,
+                       test_patients=fed.benchmark_test_patients, seed=fed.benchmark_seed)
     configs = {"DP": f"[federation]\nevaluate_every = {args.rounds}\n",
                "non-DP": f"[federation]\nevaluate_every = {args.rounds}\n[train]\nepochs = 1\n"}
+    for name, text in configs.items():
+        (out / f"{name}.toml").write_text(text)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     commands = {}
     for rep in range(args.reps):
-        for name, text in configs.items():
+        for name in configs:
             cfg_file = out / f"{name}.toml"
-            cfg_file.write_text(text)
             run = out / f"{name}-{rep}"
             cmd = [sys.executable, "-m", "medae", "simulate", "--config", str(cfg_file), "--data", str(data),
                    "--rounds", str(args.rounds), "--out", str(run), "--no-reference"]

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import medae_core.dp_clipping as dc  # noqa: E402
+from dp_overlap import make_step, print_against_nondp, time_interleaved  # noqa: E402
 from medae_core.config import ModelConfig  # noqa: E402
 from medae_core.dp_step import Stepper  # noqa: E402
 from medae_core.models import build_model  # noqa: E402
@@ -78,40 +77,36 @@ def conv_norms_free(self, r, m, g, only_where_smaller=False):
         r.norm2 = r.norm2 + dc._sq_norms(gb)
 
 
-def make_step(args, mode: str):
+def patched(fn, mode: str):
+    """``fn`` run with the ``mode`` variant's `_conv_norms` in place of the clipper's own (``bk``: unchanged)."""
+    if mode in ("nondp", "bk"):
+        return fn
+    hi = mode == "bk_free_hi"
+
+    def run():
+        dc.BookKeepingClipper._conv_norms = lambda c, r, m, g: conv_norms_free(c, r, m, g, hi)
+        try:
+            return fn()
+        finally:
+            dc.BookKeepingClipper._conv_norms = CONV_NORMS
+    return run
+
+
+def clipped_gradient(args, mode: str) -> list:
+    """The clipped, summed gradient of one DP batch under ``mode`` (before noise), to check the variants."""
     model = build_model(ModelConfig(kind=args.kind, image_size=args.image_size), seed=0)
     model.train()
     x = torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    dp = mode != "nondp"
-    stepper = Stepper(model, opt, "bk" if dp else "none", noise_multiplier=1.0 if dp else None, max_grad_norm=1.0,
-                      expected_batch_size=args.batch_size,
-                      noise_generator=torch.Generator().manual_seed(1) if dp else None)
-    gen = torch.Generator().manual_seed(2)
-
-    def patched(fn):
-        if mode == "bk":
-            return fn
-        hi = mode == "bk_free_hi"
-
-        def run():
-            dc.BookKeepingClipper._conv_norms = lambda c, r, m, g: conv_norms_free(c, r, m, g, hi)
-            try:
-                return fn()
-            finally:
-                dc.BookKeepingClipper._conv_norms = CONV_NORMS
-        return run
+    stepper = Stepper(model, torch.optim.Adam(model.parameters(), lr=1e-4), "bk", noise_multiplier=1.0,
+                      max_grad_norm=1.0, expected_batch_size=args.batch_size,
+                      noise_generator=torch.Generator().manual_seed(1))
 
     def grad():
-        stepper.compute_gradient(model.corrupt(x, torch.Generator().manual_seed(2)), x,
-                                 torch.Generator().manual_seed(2), None)
+        gen = torch.Generator().manual_seed(2)
+        stepper.compute_gradient(model.corrupt(x, gen), x, torch.Generator().manual_seed(2), None)
         return [p.grad.clone() for p in model.parameters()]
 
-    def step():
-        stepper.compute_gradient(model.corrupt(x, gen), x, gen, None)
-        stepper.step()
-
-    return patched(step), patched(grad)
+    return patched(grad, mode)()
 
 
 def main(argv=None) -> None:
@@ -125,32 +120,22 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    modes = ("nondp", "bk", "bk_free", "bk_free_hi")
-    made = {m: make_step(args, m) for m in modes}
-    ref = made["bk"][1]()
+    ref = clipped_gradient(args, "bk")
     for m in ("bk_free", "bk_free_hi"):
-        got = made[m][1]()
+        got = clipped_gradient(args, m)
         err = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(got, ref))
         print(f"  {m}: largest relative difference of a clipped gradient from bk's: {err:.1e}")
         assert err < 1e-4, err
-    steps = {m: s for m, (s, _) in made.items()}
+    steps = {m: patched(make_step(args, "nondp" if m == "nondp" else "bk"), m)
+             for m in ("nondp", "bk", "bk_free", "bk_free_hi")}
     for step in steps.values():
         for _ in range(3):
             step()
-    ms = {name: [] for name in steps}
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            ms[name].append((time.perf_counter() - t0) / args.steps * 1000)
+    ms = time_interleaved(steps, args.reps, args.steps)
     print(f"{args.kind}, {args.image_size} px, batch {args.batch_size}, {args.threads} torch threads; "
           f"{args.reps} repetitions x {args.steps} steps; load average after "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    for name, v in ms.items():
-        ratio = statistics.median(b / t for b, t in zip(ms["nondp"], v))
-        print(f"  {name:10s} {statistics.median(v):6.1f} ms a step (min {min(v):.1f})   "
-              f"speed against nondp {ratio:.2f}")
+    print_against_nondp(ms)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,26 @@ def make_step(args, mode: str):
     return step
 
 
+def time_interleaved(steps: dict, reps: int, n: int) -> dict[str, list[float]]:
+    """Milliseconds a step of each of ``steps``: ``reps`` repetitions of ``n`` steps, the steps taking turns."""
+    ms: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            ms[name].append((time.perf_counter() - t0) / n * 1000)
+    return ms
+
+
+def print_against_nondp(ms: dict[str, list[float]]) -> None:
+    """Each step's median, and its speed against ``nondp`` repetition by repetition."""
+    for name, v in ms.items():
+        ratio = statistics.median(b / t for b, t in zip(ms["nondp"], v))
+        print(f"  {name:10s} {statistics.median(v):6.1f} ms a step (min {min(v):.1f})   "
+              f"speed against nondp {ratio:.2f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", default="ae")
@@ -125,20 +145,11 @@ def main(argv=None) -> None:
             step()
     overlap.seconds = dict.fromkeys(overlap.seconds, 0.0)
     overlap.steps = 0
-    ms = {name: [] for name in steps}
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            ms[name].append((time.perf_counter() - t0) / args.steps * 1000)
+    ms = time_interleaved(steps, args.reps, args.steps)
     print(f"{args.kind}, {args.image_size} px, batch {args.batch_size}, main thread {args.threads} torch threads, "
           f"worker {args.worker_threads}; {args.reps} repetitions x {args.steps} steps; "
           f"load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    for name, v in ms.items():
-        ratio = statistics.median(b / t for b, t in zip(ms["nondp"], v))
-        print(f"  {name:10s} {statistics.median(v):6.1f} ms a step (min {min(v):.1f})   "
-              f"speed against nondp {ratio:.2f}")
+    print_against_nondp(ms)
     per = {k: v / overlap.steps * 1000 for k, v in overlap.seconds.items()}
     print(f"  bk_thread, per step: autograd backward {per['backward']:.1f} ms on the main thread, per-layer work "
           f"{per['worker']:.1f} ms on the worker, then the main thread waits {per['wait']:.1f} ms")

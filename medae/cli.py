@@ -269,10 +269,11 @@ def cmd_simulate(args) -> int:
     out.print(results_table(rows))
     from medae_core.report import REFERENCE_NOT_COMPUTED, verdict
 
-    if verdict(metrics)["reference"] is None:
+    seen = verdict(metrics)
+    if seen["reference"] is None:
         out.print(f"non-private reference: {REFERENCE_NOT_COMPUTED}", soft_wrap=True)
 
-    for warning in verdict(metrics)["warnings"]:
+    for warning in seen["warnings"]:
         out.print(warning, style="bold red", soft_wrap=True)
     out.print(f"report: {Path(args.out) / 'report.html'}; model: {Path(args.out) / 'model'}")
     return _exit_if_untrained(metrics)
