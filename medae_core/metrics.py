@@ -37,6 +37,12 @@ def _stack(a: Any, name: str) -> np.ndarray:
     return as_stack(a, name, dtype=None)
 
 
+def _finite_maps(maps: Any) -> np.ndarray:
+    """Float32 maps with NaN and infinities replaced (`np.nan_to_num`); copied only when one is there."""
+    m = _stack(maps, "maps").astype(np.float32, copy=False)
+    return m if np.isfinite(m).all() else np.nan_to_num(m)
+
+
 def _binary(a: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
     arr = _stack(a, name)
     if arr.shape != shape:
@@ -114,8 +120,9 @@ def evaluated_images(labels: Any, gt_masks: Any, has_mask: Any, shape: tuple[int
         hm = np.zeros(n, dtype=bool)
         gt = np.zeros(shape, dtype=bool)
     else:
-        gt = _binary(gt_masks, "gt_masks", shape).copy()
-    gt[~hm] = False
+        gt = _binary(gt_masks, "gt_masks", shape)  # read only: may be the caller's array
+        if not hm.all():
+            gt = gt & hm[:, None, None]
     return hm | (y == 0), gt
 
 
@@ -136,10 +143,10 @@ def _subsample(
     depends on the class ratio) stays unbiased. Deterministic for a seed.
     """
     pos_idx = np.flatnonzero(region & gt)
-    neg_idx = np.flatnonzero(region & ~gt)
-    n_pos, n_neg = pos_idx.size, neg_idx.size
+    n_pos = pos_idx.size
+    n_neg = int(region.sum()) - n_pos
     if n_pos + n_neg <= max_pixels:
-        idx = np.concatenate([pos_idx, neg_idx])
+        idx = np.concatenate([pos_idx, np.flatnonzero(region & ~gt)])
         return m.reshape(-1)[idx], gt.reshape(-1)[idx], None
     rng = np.random.default_rng(seed)
     if n_pos <= max_pixels // 2:
@@ -149,8 +156,10 @@ def _subsample(
     k_neg = min(n_neg, max(1, max_pixels - k_pos)) if n_neg else 0
     if k_pos < n_pos:
         pos_idx = np.sort(rng.choice(pos_idx, k_pos, replace=False))
-    if k_neg < n_neg:
-        neg_idx = np.sort(rng.choice(neg_idx, k_neg, replace=False))
+    # The negatives' ranks, drawn as `rng.choice(negative positions, ...)` would draw them, then
+    # turned into positions image chunk by image chunk: no index of every negative pixel.
+    ranks = np.sort(rng.choice(n_neg, k_neg, replace=False)) if k_neg < n_neg else np.arange(n_neg)
+    neg_idx = _positions_of_ranks(region, gt, ranks)
     idx = np.concatenate([pos_idx, neg_idx])
     w = np.concatenate(
         [np.full(pos_idx.size, n_pos / max(pos_idx.size, 1)), np.full(neg_idx.size, n_neg / max(neg_idx.size, 1))]
@@ -158,6 +167,22 @@ def _subsample(
     log.debug("pixel metrics: subsampled %d of %d pixels (all %d positives kept: %s)",
               idx.size, n_pos + n_neg, n_pos, k_pos == n_pos)
     return m.reshape(-1)[idx], gt.reshape(-1)[idx], w
+
+
+def _positions_of_ranks(region: np.ndarray, gt: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Flat positions of the ``ranks``-th (sorted) negative pixels (``region & ~gt``), in order."""
+    out = np.empty(ranks.size, dtype=np.int64)
+    per_image = int(np.prod(region.shape[1:], dtype=np.int64))
+    seen = done = 0
+    for s in range(0, len(region), _CHUNK):
+        neg = region[s : s + _CHUNK] & ~gt[s : s + _CHUNK]
+        count = int(neg.sum())
+        hi = int(np.searchsorted(ranks, seen + count, side="left"))
+        if hi > done:
+            out[done:hi] = np.flatnonzero(neg)[ranks[done:hi] - seen] + s * per_image
+            done = hi
+        seen += count
+    return out
 
 
 def _best_dice(m: np.ndarray, gt: np.ndarray, region: np.ndarray) -> tuple[float | None, float | None]:
@@ -209,7 +234,7 @@ def pixel_metrics(
     sweep always uses every evaluated pixel. Values are ``None`` when
     undefined (no lesion pixel, or no healthy pixel for AUROC/AUPRC).
     """
-    m = np.nan_to_num(_stack(maps, "maps").astype(np.float32, copy=False))
+    m = _finite_maps(maps)
     gt = _binary(gt_masks, "gt_masks", m.shape)
     region = pixel_region(gt, fg_masks)
     n_pix = int(region.sum())
@@ -244,7 +269,7 @@ def dice_at(maps: Any, gt_masks: Any, threshold: float, fg_masks: Any = None) ->
     ``None`` when there is neither a lesion pixel nor a predicted pixel
     (Dice is 0/0 there); 0.0 when only one of them is empty.
     """
-    m = np.nan_to_num(_stack(maps, "maps").astype(np.float32, copy=False))
+    m = _finite_maps(maps)
     gt = _binary(gt_masks, "gt_masks", m.shape)
     region = pixel_region(gt, fg_masks)
     pred = is_anomalous(m, threshold) & region
@@ -327,12 +352,14 @@ def evaluate(
     if res["n_pixel_images_with_lesion"] == 0:
         notes.append("pixel metrics need ground-truth masks with lesions (labels.csv mask column); none given")
     else:
-        fg = None if fg_masks is None else _binary(fg_masks, "fg_masks", m.shape)[sel]
-        pm = pixel_metrics(m[sel], gt[sel], fg, max_pixels=max_pixels, seed=seed)
+        fg = None if fg_masks is None else _binary(fg_masks, "fg_masks", m.shape)
+        if not sel.all():  # otherwise no copies: a pooled test set's maps are large
+            m, gt, fg = m[sel], gt[sel], None if fg is None else fg[sel]
+        pm = pixel_metrics(m, gt, fg, max_pixels=max_pixels, seed=seed)
         if pm["pixel_auroc"] is None:
             notes.append("pixel AUROC/AUPRC undefined: evaluated pixels are all lesion")
         if pix_thr is not None:
-            dice_thr = dice_at(m[sel], gt[sel], pix_thr, fg)
+            dice_thr = dice_at(m, gt, pix_thr, fg)
     res.update(pm)
     res["dice_at_threshold"] = dice_thr
     res["notes"] = notes

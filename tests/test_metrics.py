@@ -129,6 +129,30 @@ def test_pixel_subsampling_keeps_positives_is_deterministic_and_unbiased():
     assert a["dice_best"] == full["dice_best"]  # Dice always uses every pixel
 
 
+@pytest.mark.parametrize("max_pixels", [500, 3000, 10_000])
+def test_the_subsample_is_the_draw_from_an_index_of_every_negative_without_building_one(max_pixels):
+    """Same seed, same pixels as drawing from the positions of all negatives (as medae always has),
+    though the positions of a pooled test set's ~10^8 negatives are no longer held at once."""
+    from medae_core.metrics import _subsample
+
+    rng = np.random.default_rng(4)
+    gt = rng.random((150, 16, 16)) < 0.01
+    region = (rng.random(gt.shape) < 0.6) | gt
+    m = rng.random(gt.shape).astype(np.float32)
+    pos_idx, neg_idx = np.flatnonzero(region & gt), np.flatnonzero(region & ~gt)
+    draw = np.random.default_rng(7)
+    k_pos = pos_idx.size if pos_idx.size <= max_pixels // 2 else max(
+        1, round(max_pixels * pos_idx.size / (pos_idx.size + neg_idx.size)))
+    if k_pos < pos_idx.size:
+        pos_idx = np.sort(draw.choice(pos_idx, k_pos, replace=False))
+    k_neg = min(neg_idx.size, max_pixels - k_pos)
+    neg_drawn = np.sort(draw.choice(neg_idx, k_neg, replace=False))
+    idx = np.concatenate([pos_idx, neg_drawn])
+    values, labels, weights = _subsample(m, gt, region, max_pixels, seed=7)
+    assert np.array_equal(values, m.reshape(-1)[idx]) and np.array_equal(labels, gt.reshape(-1)[idx])
+    assert weights[-1] == pytest.approx(neg_idx.size / k_neg)
+
+
 # --------------------------------------------------------------------- evaluate
 def test_evaluate_combines_image_and_pixel_metrics():
     n, s = 4, 6
@@ -155,6 +179,29 @@ def test_evaluate_combines_image_and_pixel_metrics():
     for threshold, sensitivity, specificity in ((0.85, 0.5, 1.0), (0.15, 1.0, 0.5), (None, None, None)):
         r = evaluate(maps, scores, labels, gt, has_mask, threshold=threshold)
         assert (r["sensitivity"], r["specificity"]) == (sensitivity, specificity), threshold
+
+
+def test_evaluate_leaves_its_inputs_alone_and_gives_the_same_with_boolean_or_float_masks():
+    rng = np.random.default_rng(3)
+    labels = np.array([0, 1, 1, 0, 1, 1])
+    gt = (rng.random((6, 12, 12)) < 0.1) & (labels[:, None, None] == 1)
+    has_mask = np.array([False, True, False, False, True, True])
+    maps = rng.random(gt.shape).astype(np.float32)
+    maps[1, 0, 0] = np.nan
+    fg = rng.random(gt.shape) < 0.7
+    kept = maps.copy(), gt.copy(), fg.copy()
+    a = evaluate(maps, maps.mean(axis=(1, 2)), labels, gt, has_mask, 0.5, fg_masks=fg)
+    assert np.array_equal(maps, kept[0], equal_nan=True) and np.array_equal(gt, kept[1]) and np.array_equal(fg, kept[2])
+    b = evaluate(maps, maps.mean(axis=(1, 2)), labels, gt.astype(np.float32), has_mask, 0.5, fg_masks=fg)
+    assert a == b and a["n_pixel_images"] == 5 and a["pixel_auroc"] is not None
+    keys = ("pixel_auroc", "pixel_auprc", "dice_best", "n_pixels", "n_positive_pixels")
+    sel = has_mask | (labels == 0)  # images 2 (anomalous, no mask) left out of the pixel metrics
+    direct = pixel_metrics(np.nan_to_num(maps[sel]), gt[sel], fg[sel])
+    assert {k: a[k] for k in keys} == {k: direct[k] for k in keys}
+    assert a["dice_at_threshold"] == dice_at(np.nan_to_num(maps[sel]), gt[sel], 0.5, fg[sel])
+    every = evaluate(maps, maps.mean(axis=(1, 2)), labels, gt, labels == 1, 0.5, fg_masks=fg)  # all selected
+    direct = pixel_metrics(np.nan_to_num(maps), gt, fg)
+    assert every["n_pixel_images"] == 6 and {k: every[k] for k in keys} == {k: direct[k] for k in keys}
 
 
 def test_evaluate_without_masks_or_anomalies_never_raises():
