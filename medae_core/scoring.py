@@ -386,7 +386,39 @@ def anomaly_maps(
     ``cfg.vae_score`` needs it and the model has ``kl_per_sample``; for other
     models ``vae_score`` is ignored. ``fg_masks`` defaults to `foreground_mask`.
     """
-    _, maps, scores = reconstruct_and_score(model, images, cfg, device, batch_size, progress, fg_masks, cond)
+    x = as_stack(images, "images")
+    fg = None if fg_masks is None else _as_masks(fg_masks, x.shape, "fg_masks")
+
+    def score(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        tick = None if progress is None else (lambda done, _total: progress(lo + done, len(x)))
+        _, maps, scores = reconstruct_and_score(
+            model, x[lo:hi], cfg, device, batch_size, tick, None if fg is None else fg[lo:hi],
+            None if cond is None else np.asarray(cond)[lo:hi])
+        return maps, scores
+
+    return _in_chunks(x, score, multiple=max(1, int(batch_size)))
+
+
+# Images per chunk of `anomaly_maps` and `intensity_baseline`: their reconstructions, residuals and
+# post-processing copies are a few times the chunk's pixels, so a large test set (a simulation's
+# pooled one) costs its maps and scores plus this much, not several copies of itself.
+_SCORE_CHUNK_BYTES = 64 << 20
+
+
+def _in_chunks(x: np.ndarray, score: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+               multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``score(lo, hi)`` (maps and scores of images lo..hi) over chunks of about `_SCORE_CHUNK_BYTES`."""
+    n = len(x)
+    step = max(1, _SCORE_CHUNK_BYTES // max(1, x[:1].nbytes)) if n else 1
+    step = max(multiple, step // multiple * multiple)  # whole model batches, as one call would run them
+    if n <= step:
+        return score(0, n)
+    maps = scores = None
+    for lo in range(0, n, step):
+        m, sc = score(lo, min(lo + step, n))
+        if maps is None:
+            maps, scores = np.empty((n, *m.shape[1:]), m.dtype), np.empty(n, sc.dtype)
+        maps[lo : lo + len(m)], scores[lo : lo + len(sc)] = m, sc
     return maps, scores
 
 
@@ -426,10 +458,16 @@ def intensity_baseline(
     `image_scores` aggregation as model maps. It cannot find dark lesions.
     """
     cfg = cfg or ScoringConfig()
-    x = np.nan_to_num(as_stack(images, "images"))
-    fg = foreground_mask(x) if fg_masks is None else _as_masks(fg_masks, x.shape, "fg_masks")
-    maps = postprocess(np.clip(x, 0.0, None), fg, cfg.median_filter, cfg.mask_foreground)
-    return maps, image_scores(maps, fg, cfg.top_percent)
+    images = as_stack(images, "images")
+    fg_all = None if fg_masks is None else _as_masks(fg_masks, images.shape, "fg_masks")
+
+    def score(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.nan_to_num(images[lo:hi])
+        fg = foreground_mask(x) if fg_all is None else fg_all[lo:hi]
+        maps = postprocess(np.clip(x, 0.0, None), fg, cfg.median_filter, cfg.mask_foreground)
+        return maps, image_scores(maps, fg, cfg.top_percent)
+
+    return _in_chunks(images, score)
 
 
 # ---------------------------------------------------------------------------

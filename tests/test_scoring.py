@@ -326,6 +326,36 @@ def test_vae_score_modes():
     assert np.allclose(ae_scores, rec_scores)
 
 
+@pytest.mark.parametrize("vae_score", ["recon", "elbo", "kl"])
+def test_a_large_set_is_scored_in_chunks_with_the_values_of_one_pass(vae_score, monkeypatch):
+    """A simulation's pooled test set is scored a chunk of images at a time (memory); nothing else changes."""
+    import medae_core.scoring as scoring
+
+    rng = np.random.default_rng(9)
+    imgs = np.stack([disc(radius=7.0 + i % 6) + rng.normal(0, 0.03, (S, S)).astype(np.float32) for i in range(23)])
+    imgs[[4, 17]] = np.maximum(imgs[[4, 17]], blob_mask())  # each image its own foreground and score
+    cfg = ScoringConfig(vae_score=vae_score)
+    fg = foreground_mask(imgs)
+    whole = anomaly_maps(ClipVAE(), imgs, cfg, "cpu", batch_size=2)
+    base = intensity_baseline(imgs, cfg)
+    base_fg = intensity_baseline(imgs, cfg, fg_masks=fg)
+    monkeypatch.setattr(scoring, "_SCORE_CHUNK_BYTES", imgs[0].nbytes * 5)  # chunks of 4 images (whole batches)
+    calls, seen = [], []
+    model = ClipVAE()
+    reconstruct = model.reconstruct
+    model.reconstruct = lambda x: seen.append(len(x)) or reconstruct(x)
+    for f in (None, fg):
+        calls.clear()
+        maps, scores = anomaly_maps(model, imgs, cfg, "cpu", batch_size=2, fg_masks=f,
+                                    progress=lambda d, t: calls.append((d, t)))
+        assert np.array_equal(maps, whole[0]) and np.array_equal(scores, whole[1])
+        assert calls == [(d, 23) for d in (*range(2, 23, 2), 23)]
+    assert seen == 2 * ([2] * 11 + [1])  # the model's batches are those of one pass
+    for f, expected in ((None, base), (fg, base_fg)):
+        maps, scores = intensity_baseline(imgs, cfg, fg_masks=f)
+        assert np.array_equal(maps, expected[0]) and np.array_equal(scores, expected[1])
+
+
 def test_score_reconstructions_checks_kl_length():
     imgs = _test_images()
     with pytest.raises(ValueError, match="kl has 2 values"):
