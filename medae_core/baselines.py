@@ -76,6 +76,11 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
     if test is None:
         log.warning("no site has test labels: baselines need labelled test data")
         return {}
+    pooled = pool_sites(data)
+    # Only the per-site rows need the sites' own arrays; otherwise the pooled copies hold every image
+    # (a large simulation has no room for both).
+    alone = data if full else []
+    del data
     long = cfg.with_overrides({"train.epochs": cfg.train.epochs * cfg.federation.rounds})
     results: dict[str, dict] = {}
     device = resolve_device(cfg.train.device)
@@ -83,7 +88,6 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
         bundle = load_bundle(federated)
         threshold = bundle.threshold.value if bundle.threshold else None
         results["federated (exact)"] = evaluate_model(bundle.build_model().to(device), test, cfg, device, threshold)
-    pooled = pool_sites(data)
     if full and cfg.privacy.enabled:
         log.info("baseline: centralized training with DP")
         results["centralized, DP"] = train_and_evaluate(pooled, long, test, out_dir / "ledgers")
@@ -91,11 +95,11 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
     # many images as the DP runs see, so that the rows differ by privacy alone.
     nondp_epochs = max(1, round(long.train.epochs * pooled.n_train_patients / len(pooled.train_images)))
     log.info("non-private reference: centralized training without DP, %d sites pooled, %d images, %d epoch%s",
-             len(data), len(pooled.train_images), nondp_epochs, "" if nondp_epochs == 1 else "s")
+             len(sites), len(pooled.train_images), nondp_epochs, "" if nondp_epochs == 1 else "s")
     results["centralized, no DP"] = train_and_evaluate(
         pooled, long.with_overrides({"privacy.enabled": False, "train.epochs": nondp_epochs}), test,
         out_dir / "ledgers")
-    for site in data if full else ():
+    for site in alone:
         log.info("baseline: %s alone", site.name)
         results[f"{site.name} alone"] = train_and_evaluate(site, long, test, out_dir / "ledgers")
     results["intensity threshold"] = intensity_metrics(test, cfg)
