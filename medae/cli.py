@@ -267,11 +267,11 @@ def cmd_simulate(args) -> int:
         rows["intensity threshold"] = metrics["intensity_baseline"]
     rows.update({k: v for k, v in (metrics.get("baselines") or {}).items()})
     out.print(results_table(rows))
-    from medae_core.report import REFERENCE_NOT_COMPUTED, verdict
+    from medae_core.report import verdict
 
     seen = verdict(metrics)
     if seen["reference"] is None:
-        out.print(f"non-private reference: {REFERENCE_NOT_COMPUTED}", soft_wrap=True)
+        out.print(f"non-private reference: {seen['reference_note']}", soft_wrap=True)
 
     for warning in seen["warnings"]:
         out.print(warning, style="bold red", soft_wrap=True)

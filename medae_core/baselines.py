@@ -106,11 +106,32 @@ def run_baselines(cfg: RunConfig, sites: list[Path], out_dir: Path, federated: P
     return results
 
 
+# Peak memory of the baseline rows over the bytes of the sites' snapshots: 6.0 GiB over 2.2 GiB at
+# 1,000 sites of 10 patients (BENCHMARKS.md, "The non-private reference in every simulation"), rounded up.
+MEMORY_PER_SNAPSHOT_BYTE = 3.0
+
+
+def memory_shortfall(snapshots: Path | None) -> str | None:
+    """Why pooling the sites' images would not fit in the memory available now, or None (fits, or unknown)."""
+    import psutil
+
+    if snapshots is None or not Path(snapshots).is_dir():
+        return None
+    size = sum(p.stat().st_size for p in Path(snapshots).glob("*.pickle"))
+    need, available = size * MEMORY_PER_SNAPSHOT_BYTE, psutil.virtual_memory().available
+    if need <= available:
+        return None
+    return (f"not computed: pooling the sites' images ({size / 2**30:.1f} GiB) needs about {need / 2**30:.1f} GiB "
+            f"of memory and {available / 2**30:.1f} GiB is available; the federated run is complete. To see what "
+            "privacy costs, simulate fewer sites (--sites), or pass --no-reference")
+
+
 def add_baselines(run_dir: Path, cfg: RunConfig, *, full: bool = True, snapshots: Path | None = None) -> dict:
     """After a simulated federation: its baselines into RUN/metrics.json, and the report redrawn with them.
 
     ``cfg`` is the run's (``federation.data_root`` set); ``full`` and ``snapshots`` as in
-    `run_baselines`. Returns the metrics.
+    `run_baselines`. When the pooled images would not fit in memory (`memory_shortfall`), the
+    metrics say why instead (``reference_not_computed``) and nothing is trained. Returns the metrics.
     """
     import json
 
@@ -119,9 +140,14 @@ def add_baselines(run_dir: Path, cfg: RunConfig, *, full: bool = True, snapshots
 
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    sites = site_folders(Path(cfg.federation.data_root))[: cfg.federation.sites]
-    metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model", full=full,
-                                         snapshots=snapshots)
+    why = memory_shortfall(snapshots)
+    if why is not None:
+        log.warning("no non-private reference: %s", why)
+        metrics["reference_not_computed"] = why
+    else:
+        sites = site_folders(Path(cfg.federation.data_root))[: cfg.federation.sites]
+        metrics["baselines"] = run_baselines(cfg, sites, run_dir / "baselines", federated=run_dir / "model",
+                                             full=full, snapshots=snapshots)
     write_metrics(run_dir, metrics)
     # The ServerApp wrote the report; it is rewritten only to add the baselines.
     write_report(run_dir, metrics, load_bundle(run_dir / "model"), reference=reference_images(cfg))

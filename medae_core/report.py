@@ -179,6 +179,7 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     if ((metrics.get("config") or {}).get("privacy") or {}).get("reproducible_noise"):
         warnings.append(NOT_PRIVATE_AGAINST_COORDINATOR + ".")
     return {"model": model, "baseline": baseline, "reference": reference,
+            "reference_note": metrics.get("reference_not_computed") or REFERENCE_NOT_COMPUTED,
             "epsilon": max(eps) if eps else None, "warnings": warnings}
 
 
@@ -202,7 +203,7 @@ def _summary_html(metrics: dict[str, Any], cfg) -> str:
     start = (f"Started from a public model ({html.escape(str(init.get('data', '')))}; "
              f"config {html.escape(str(init.get('config_hash', '?')))})" if init
              else "Started from a random initialisation (no public pretraining)")
-    ref = num(v["reference"]) if v["reference"] is not None else html.escape(REFERENCE_NOT_COMPUTED)
+    ref = num(v["reference"]) if v["reference"] is not None else html.escape(v["reference_note"])
     cost = (f"ε = {v['epsilon']:.2f} of {cfg.privacy.budget_epsilon:g} per site (δ = {format_delta(cfg.privacy.delta)}, "
             f"per {cfg.privacy.unit})" if cfg.privacy.enabled and v["epsilon"] is not None
             else "no differential privacy" if not cfg.privacy.enabled else "–")

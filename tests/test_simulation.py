@@ -79,6 +79,37 @@ def test_the_non_private_reference_sits_next_to_the_model_unless_skipped(simulat
     assert "not computed" in second["report"].split("<h2>At a glance</h2>", 1)[1].split("</table>", 1)[0]
 
 
+def test_a_reference_too_large_for_memory_is_skipped_with_its_reason(simulated, tiny_benchmark, tiny_cfg, tmp_path,
+                                                                      monkeypatch):
+    """The federated run is kept, nothing is trained, and the table and report say why and what to do."""
+    import shutil
+    from types import SimpleNamespace
+
+    import psutil
+
+    from medae_core import baselines
+
+    run, _, _ = simulated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    with open(snapshots / "site-1.pickle", "wb") as f:  # sparse: 2 GiB to stat, nothing on disk
+        f.truncate(2 << 30)
+    cfg = tiny_cfg.with_overrides({"federation.data_root": str(tiny_benchmark), "federation.sites": 3})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=3 << 30))
+    monkeypatch.setattr(baselines, "run_baselines", lambda *a, **k: pytest.fail("trained despite the shortfall"))
+    metrics = baselines.add_baselines(copy, cfg, full=False, snapshots=snapshots)
+    why = metrics["reference_not_computed"]
+    assert "needs about 6.0 GiB" in why and "3.0 GiB is available" in why and "--no-reference" in why
+    assert "baselines" not in metrics and json.loads((copy / "metrics.json").read_text()) == metrics
+    glance = (copy / "report.html").read_text().split("<h2>At a glance</h2>", 1)[1].split("</table>", 1)[0]
+    assert "needs about 6.0 GiB" in glance
+    # With the memory there, the same folder is no reason to skip.
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=7 << 30))
+    assert baselines.memory_shortfall(snapshots) is None and baselines.memory_shortfall(None) is None
+
+
 def test_metrics_json_schema(simulated):
     run, _, metrics = simulated
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
