@@ -200,14 +200,17 @@ def table(results: list[dict]) -> str:
             "peak PSS GiB | peak RSS sum GiB | sites trained per round | sites not ok | report kB | "
             "reference s (peak PSS GiB) |",
             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    nan = float("nan")
     for r in results:
         last = (r.get("per_round") or [{}])[-1]
         not_ok = sum(len(p["not_ok"]) for p in r.get("per_round", []))
-        rows.append(f"| {r['sites']} | {'on' if r.get('image_cache') else 'off'} | {r['exit_code']} | {r['benchmark_write_s']:.0f} | {r['wall_s']:.0f} | "
-                    f"{r.get('outside_rounds_s', float('nan')):.0f} | {last.get('train_s') or float('nan'):.1f} | "
-                    f"{last.get('eval_s') or float('nan'):.1f} | {r['peak_pss_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
-                    f"{', '.join(str(p['ok']) for p in r.get('per_round', []))} | {not_ok} | {r.get('report_html_kib') or float('nan'):.0f} | "
-                    + (f"{r['reference_s']:.0f} ({r['reference_peak_pss_gib']:.2f}) |" if "reference_s" in r else "– |"))
+        trained = ", ".join(str(p["ok"]) for p in r.get("per_round", []))
+        reference = f"{r['reference_s']:.0f} ({r['reference_peak_pss_gib']:.2f})" if "reference_s" in r else "–"
+        rows.append(f"| {r['sites']} | {'on' if r.get('image_cache') else 'off'} | {r['exit_code']} | "
+                    f"{r['benchmark_write_s']:.0f} | {r['wall_s']:.0f} | {r.get('outside_rounds_s', nan):.0f} | "
+                    f"{last.get('train_s') or nan:.1f} | {last.get('eval_s') or nan:.1f} | {r['peak_pss_gib']:.2f} | "
+                    f"{r['peak_rss_gib']:.2f} | {trained} | {not_ok} | {r.get('report_html_kib') or nan:.0f} | "
+                    f"{reference} |")
     return "\n".join(rows)
 
 
