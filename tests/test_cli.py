@@ -343,3 +343,18 @@ def test_the_live_display_shows_each_site_of_a_small_federation_and_one_line_for
     else:
         assert f"{n_sites} sites" in shown and "site-17" not in shown
         assert f"{n_sites // 4 * 3} training" in shown  # the sites at 1, 2 or 3 of 4 steps
+
+
+def test_simulate_prints_why_the_reference_is_missing(tmp_path, monkeypatch, capsys):
+    """The reason a simulation recorded (`reference_not_computed`), else the general one, under the table."""
+    import medae.simulate as simulate
+    from medae_core.report import REFERENCE_NOT_COMPUTED
+
+    test = {"image_auroc": 0.8, "n_images": 10, "n_anomalous": 5}
+    done = {"test": test, "rounds": [{"round": 1, "sites": {"site-1": {"status": "ok"}}}]}
+    why = "not computed: pooling the sites' images (9.0 GiB) needs about 27.0 GiB of memory"
+    for metrics, expected in ((done | {"reference_not_computed": why}, why), (done, REFERENCE_NOT_COMPUTED)):
+        monkeypatch.setattr(simulate, "prepare_and_run", lambda cfg, out, baselines, m=metrics: m)
+        assert main(["simulate", "--out", str(tmp_path / "run")]) == 0
+        printed = " ".join(capsys.readouterr().out.split())  # the line as read, wrapping apart
+        assert f"non-private reference: {expected}" in printed
