@@ -123,7 +123,7 @@ def one_size(n: int, patients: int, rounds: int, out: Path, timeout: float, cach
     def tee() -> None:  # the log to its file, and when the reference starts
         for line in proc.stdout:
             log.write(line)
-            if not reference_at and FEDERATION_DONE.search(line):
+            if reference and not reference_at and FEDERATION_DONE.search(line):
                 reference_at.append(time.perf_counter() - started)
                 memory.mark()
 
