@@ -10,7 +10,6 @@ the app manifest in the run folder (`medae.app_manifest`), as a deployment's do.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -163,21 +162,10 @@ def prepare_and_run(cfg: RunConfig, run_dir: Path, *, baselines: bool = False) -
             raise ConfigError(f"{root} holds a benchmark of {written}, but this run reads {', '.join(contrasts)}: "
                               "use a new --out")
         cfg = cfg.with_overrides({"federation.data_root": str(root.resolve())})
-    after = functools.partial(_add_baselines, run_dir, cfg, full=baselines)
+    def after(snapshots: Path | None) -> None:
+        from medae_core.baselines import add_baselines
+
+        add_baselines(run_dir, cfg, full=baselines, snapshots=snapshots)
+
     run_simulation(cfg, run_dir, after=after if baselines or cfg.federation.reference else None)
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _add_baselines(run_dir: Path, cfg: RunConfig, snapshots: Path | None, *, full: bool) -> None:
-    """The baselines into the finished run's metrics and report; the reference alone is skipped for a failed run."""
-    import json
-
-    from medae_core.baselines import add_baselines
-    from medae_core.federated import run_failure
-
-    if not full:
-        why = run_failure(json.loads((run_dir / "metrics.json").read_text()))
-        if why is not None:
-            log.warning("no non-private reference: %s", why)
-            return
-    add_baselines(run_dir, cfg, full=full, snapshots=snapshots)

@@ -130,16 +130,22 @@ def add_baselines(run_dir: Path, cfg: RunConfig, *, full: bool = True, snapshots
     """After a simulated federation: its baselines into RUN/metrics.json, and the report redrawn with them.
 
     ``cfg`` is the run's (``federation.data_root`` set); ``full`` and ``snapshots`` as in
-    `run_baselines`. When the pooled images would not fit in memory (`memory_shortfall`), the
+    `run_baselines`. The reference alone is skipped for a failed run (its metrics and report left
+    as they are). When the pooled images would not fit in memory (`memory_shortfall`), the
     metrics say why instead (``reference_not_computed``) and nothing is trained. Returns the metrics.
     """
     import json
 
     from medae_core.data import site_folders
+    from medae_core.federated import run_failure
     from medae_core.report import reference_images, write_metrics, write_report
 
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    failed = None if full else run_failure(metrics)
+    if failed is not None:
+        log.warning("no non-private reference: %s", failed)
+        return metrics
     why = memory_shortfall(snapshots)
     if why is not None:
         log.warning("no non-private reference: %s", why)
