@@ -110,6 +110,27 @@ def test_a_reference_too_large_for_memory_is_skipped_with_its_reason(simulated, 
     assert baselines.memory_shortfall(snapshots) is None and baselines.memory_shortfall(None) is None
 
 
+def test_a_failed_run_gets_no_reference_and_keeps_its_metrics(simulated, tiny_benchmark, tiny_cfg, tmp_path,
+                                                               monkeypatch):
+    import shutil
+
+    from medae_core import baselines
+
+    run, _, _ = simulated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    for record in metrics["rounds"]:
+        for site in record["sites"].values():
+            site.update(status="refused", reason="budget")
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    before = (copy / "metrics.json").read_text(), (copy / "report.html").read_text()
+    cfg = tiny_cfg.with_overrides({"federation.data_root": str(tiny_benchmark), "federation.sites": 3})
+    monkeypatch.setattr(baselines, "run_baselines", lambda *a, **k: pytest.fail("a reference for a failed run"))
+    assert "baselines" not in baselines.add_baselines(copy, cfg, full=False, snapshots=None)
+    assert ((copy / "metrics.json").read_text(), (copy / "report.html").read_text()) == before
+
+
 def test_metrics_json_schema(simulated):
     run, _, metrics = simulated
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
