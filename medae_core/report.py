@@ -154,6 +154,22 @@ def reference_figures(bundle, reference) -> list[str]:
 NEAR_CHANCE = 0.6  # image AUROC below this is reported as near chance
 REFERENCE_NOT_COMPUTED = ("not computed: medae simulate trains it after the federation (unless --no-reference); "
                           "a deployed server cannot, as no image leaves a site")
+REFERENCE_SWITCHED_OFF = ("not computed: switched off ([federation] reference = false, or --no-reference); "
+                          "simulate without it to see what privacy costs")
+REFERENCE_AFTER_FAILURE = "not computed: no site trained, so there is no model to compare it with"
+
+
+def _reference_note(metrics: dict[str, Any]) -> str:
+    """Why a report has no non-private reference: the reason the run recorded, else the one its metrics show."""
+    from medae_core.federated import run_failure
+
+    if metrics.get("reference_not_computed"):
+        return metrics["reference_not_computed"]
+    if "rounds" in metrics and run_failure(metrics) is not None:
+        return REFERENCE_AFTER_FAILURE
+    if ((metrics.get("config") or {}).get("federation") or {}).get("reference") is False:
+        return REFERENCE_SWITCHED_OFF
+    return REFERENCE_NOT_COMPUTED
 
 
 def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +195,7 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     if ((metrics.get("config") or {}).get("privacy") or {}).get("reproducible_noise"):
         warnings.append(NOT_PRIVATE_AGAINST_COORDINATOR + ".")
     return {"model": model, "baseline": baseline, "reference": reference,
-            "reference_note": metrics.get("reference_not_computed") or REFERENCE_NOT_COMPUTED,
+            "reference_note": _reference_note(metrics),
             "epsilon": max(eps) if eps else None, "warnings": warnings}
 
 

@@ -348,7 +348,7 @@ def test_the_live_display_shows_each_site_of_a_small_federation_and_one_line_for
 def test_simulate_prints_why_the_reference_is_missing(tmp_path, monkeypatch, capsys):
     """The reason a simulation recorded (`reference_not_computed`), else the general one, under the table."""
     import medae.simulate as simulate
-    from medae_core.report import REFERENCE_NOT_COMPUTED
+    from medae_core.report import REFERENCE_AFTER_FAILURE, REFERENCE_NOT_COMPUTED
 
     test = {"image_auroc": 0.8, "n_images": 10, "n_anomalous": 5}
     done = {"test": test, "rounds": [{"round": 1, "sites": {"site-1": {"status": "ok"}}}]}
@@ -358,3 +358,9 @@ def test_simulate_prints_why_the_reference_is_missing(tmp_path, monkeypatch, cap
         assert main(["simulate", "--out", str(tmp_path / "run")]) == 0
         printed = " ".join(capsys.readouterr().out.split())  # the line as read, wrapping apart
         assert f"non-private reference: {expected}" in printed
+    failed = done | {"rounds": [{"round": 1, "sites": {"site-1": {"status": "refused", "reason": "budget"}}}]}
+    monkeypatch.setattr(simulate, "prepare_and_run", lambda cfg, out, baselines: failed)
+    assert main(["simulate", "--out", str(tmp_path / "run")]) == 1
+    printed = capsys.readouterr()
+    assert f"non-private reference: {REFERENCE_AFTER_FAILURE}" in " ".join(printed.out.split())
+    assert "no site trained in any round: budget" in " ".join(printed.err.split())

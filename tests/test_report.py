@@ -35,6 +35,15 @@ def test_the_summary_shows_the_baseline_reference_and_cost_next_to_the_model():
     assert "at or above the non-private reference" in _summary_html(metrics(0.92, 0.78, reference=0.91), RunConfig())
     without = _summary_html(metrics(0.88, 0.78), RunConfig())
     assert "not computed" in without and "--no-reference" in without and "cost 0." not in without
+    trained = {"rounds": [{"round": 1, "sites": {"a": {"status": "ok"}}}]}
+    switched_off = metrics(0.88, 0.78) | trained | {"config": RunConfig().with_overrides(
+        {"federation.reference": False}).to_dict()}
+    assert "switched off" in _summary_html(switched_off, RunConfig())
+    failed = switched_off | {"rounds": [{"round": 1, "sites": {"a": {"status": "refused", "reason": "no data"}}}]}
+    assert "no site trained" in _summary_html(failed, RunConfig())
+    recorded = failed | {"reference_not_computed": "not computed: too large"}
+    assert "too large" in _summary_html(recorded, RunConfig())
+    assert "trains it after the federation" in _summary_html(metrics(0.88, 0.78) | trained, RunConfig())
     started = metrics(0.88, 0.78) | {"init": {"data": "medae built-in public set", "config_hash": "abc"}}
     assert "built-in public set" in _summary_html(started, RunConfig())
 

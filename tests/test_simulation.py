@@ -76,7 +76,7 @@ def test_the_non_private_reference_sits_next_to_the_model_unless_skipped(simulat
     assert f"{reference:.3f}" in glance
     # --no-reference: the resumed run's metrics and report have no reference, and say why.
     assert "baselines" not in second
-    assert "not computed" in second["report"].split("<h2>At a glance</h2>", 1)[1].split("</table>", 1)[0]
+    assert "switched off" in second["report"].split("<h2>At a glance</h2>", 1)[1].split("</table>", 1)[0]
 
 
 def test_a_reference_too_large_for_memory_is_skipped_with_its_reason(simulated, tiny_benchmark, tiny_cfg, tmp_path,
