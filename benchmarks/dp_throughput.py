@@ -52,7 +52,8 @@ def make_step(kind: str, mode: str, args) -> tuple[callable, int, callable]:
         model, opt, "none" if mode == "nondp" else mode,
         noise_multiplier=None if mode == "nondp" else 1.0,
         max_grad_norm=1.0,
-        expected_batch_size=args.batch_size,
+        expected_batch_size=args.batch_size // args.group_size,
+        group_size=1 if mode == "nondp" else args.group_size,
         noise_generator=torch.Generator(device=device).manual_seed(1) if mode != "nondp" else None,
     )
     gen = torch.Generator(device=device).manual_seed(2)
@@ -127,7 +128,7 @@ def markdown(rows: list[dict], args, load_before, load_after, seconds) -> str:
         + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""),
         f"- load average before / after: {load_before} / {load_after}; took {seconds:.0f} s",
         f"- model: image_size {args.image_size}, channels {list(args.channels)}, latent_dim {args.latent_dim}, "
-        f"batch {args.batch_size}, "
+        f"batch {args.batch_size}, " + (f"{args.group_size} images per privacy unit, " if args.group_size > 1 else "") +
         f"{args.reps} repetitions x {args.steps} steps ({args.slow_steps} for ew/functorch), "
         f"{args.warmup} warm-up steps",
         "",
@@ -151,6 +152,8 @@ def main(argv=None) -> None:
     p.add_argument("--channels", default=",".join(map(str, ModelConfig().channels)), help="default: ModelConfig's")
     p.add_argument("--latent-dim", type=int, default=ModelConfig().latent_dim)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=1,
+                   help="images per privacy unit (train.slices_per_patient); the batch is --batch-size images")
     p.add_argument("--threads", type=int, default=int(os.environ.get("MEDAE_BENCH_THREADS", "2")))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per repetition")
@@ -164,6 +167,8 @@ def main(argv=None) -> None:
     if "nondp" not in args.modes:
         args.modes.insert(0, "nondp")
     args.channels = [int(c) for c in args.channels.split(",")]
+    if args.group_size < 1 or args.batch_size % args.group_size:
+        p.error(f"--batch-size {args.batch_size} is not a whole number of units of --group-size {args.group_size}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -305,7 +305,7 @@ class BookKeepingClipper:
             r.g, r.ghost = g, True
         else:
             per_sample = _shifted_per_sample_weight_grad if method == "shift" else _conv_per_sample_weight_grad
-            gw = self._unit_sum(per_sample(m, a, g))
+            gw = per_sample(m, a, g, self.k)
             r.per_sample["weight"] = gw
             r.norm2 = _sq_norms(gw)
             r.a = None
@@ -375,20 +375,25 @@ def _pad(m: nn.Conv2d) -> list[int]:
     return list(m.padding)
 
 
-def _conv_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample weight gradients [B, out, in, kh, kw] of a conv layer.
+def _conv_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor, k: int = 1) -> Tensor:
+    """Per-unit weight gradients [B / k, out, in, kh, kw] of a conv layer (a unit: k consecutive rows).
 
-    One grouped convolution backward with the batch folded into the channel
-    dimension: sample i is group i, so the "weight gradient" of the grouped
-    convolution is the stack of per-sample weight gradients.
+    One grouped convolution backward with the units folded into the channel
+    dimension and a unit's k rows as the batch: unit i is group i, so the "weight
+    gradient" of the grouped convolution is the stack of per-unit weight gradients.
     """
-    n = a.shape[0]
+    n = a.shape[0] // k
     w = m.weight
     w_rep = w.detach().expand(n, *w.shape).reshape(n * w.shape[0], *w.shape[1:])
+
+    def by_unit(t: Tensor) -> Tensor:  # [n * k, C, H, W] -> [k, n * C, H, W]
+        if k == 1:
+            return t.reshape(1, n * t.shape[1], *t.shape[2:])
+        return t.reshape(n, k, *t.shape[1:]).transpose(0, 1).reshape(k, n * t.shape[1], *t.shape[2:])
+
     _, gw, _ = torch.ops.aten.convolution_backward(
-        g.reshape(1, n * g.shape[1], *g.shape[2:]),
-        a.reshape(1, n * a.shape[1], *a.shape[2:]),
-        w_rep, None, m.stride, _pad(m), m.dilation, False, [0, 0], n, [False, True, False],
+        by_unit(g), by_unit(a), w_rep, None, m.stride, _pad(m), m.dilation, False, [0, 0], n,
+        [False, True, False],
     )
     return gw.view(n, *w.shape)
 
@@ -398,8 +403,8 @@ def _shiftable(m: nn.Conv2d) -> bool:
     return tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1) and not isinstance(m.padding, str)
 
 
-def _shifted_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample weight gradients [B, out, in, kh, kw] of a stride-1 conv layer, by shifted windows.
+def _shifted_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor, k: int = 1) -> Tensor:
+    """Per-unit weight gradients [B / k, out, in, kh, kw] of a stride-1 conv layer, by shifted windows.
 
     ``G_i[:, :, dy, dx] = g_i @ window_i(dy, dx)^T`` summed over output positions, where
     the window is the padded input at offset (dy, dx). With the input padded, made
@@ -408,18 +413,22 @@ def _shifted_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tenso
     output gradient is laid out on the same rows (its kw - 1 extra columns zero, so
     the positions that wrap round a row add nothing). Each offset is then one
     batched matmul [B, out, Ho*Wp] @ [B, Ho*Wp, in], and nothing is copied per offset.
+    A unit of k consecutive rows accumulates its rows' matmuls into one gradient.
     """
-    n, c, _, _ = a.shape
+    b, c, _, _ = a.shape
+    n = b // k
     o, ho, wo = g.shape[1], g.shape[2], g.shape[3]
     kh, kw = m.kernel_size
     ph, pw = _pad(m)
     padded = F.pad(a, (pw, pw, ph, ph + 1))  # the spare row keeps the last offset's window in bounds
     wp = padded.shape[3]
-    flat = padded.permute(0, 2, 3, 1).reshape(n, -1, c)  # [B, (Hp + 1) * Wp, in]
-    rows = F.pad(g, (0, wp - wo)).reshape(n, o, ho * wp)  # [B, out, Ho * Wp]
+    flat = padded.permute(0, 2, 3, 1).reshape(n, k, -1, c)  # [units, k, (Hp + 1) * Wp, in]
+    rows = F.pad(g, (0, wp - wo)).reshape(n, k, o, ho * wp)  # [units, k, out, Ho * Wp]
     out = torch.empty(kh, kw, n, o, c, dtype=g.dtype, device=g.device)
     for dy in range(kh):
         for dx in range(kw):
             start = dy * wp + dx
-            torch.bmm(rows, flat[:, start:start + ho * wp], out=out[dy, dx])
+            torch.bmm(rows[:, 0], flat[:, 0, start:start + ho * wp], out=out[dy, dx])
+            for j in range(1, k):
+                out[dy, dx].baddbmm_(rows[:, j], flat[:, j, start:start + ho * wp])
     return out.permute(2, 3, 4, 0, 1).contiguous()

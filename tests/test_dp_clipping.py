@@ -173,6 +173,23 @@ def test_shifted_windows_give_the_per_sample_weight_gradients(kernel, padding):
     assert torch.allclose(shifted[1], ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_units_weight_gradient_is_its_rows_summed(stride):
+    """Units of k consecutive rows: one gradient each, the sum of what its rows give alone."""
+    from medae_core.dp_clipping import _conv_per_sample_weight_grad, _shifted_per_sample_weight_grad
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=stride).double()
+    a = torch.randn(6, 3, 10, 12, dtype=torch.float64)
+    g = torch.randn_like(conv(a))
+    rows = _conv_per_sample_weight_grad(conv, a, g)
+    ways = [_conv_per_sample_weight_grad] + ([_shifted_per_sample_weight_grad] if stride == 1 else [])
+    for k in (2, 3):
+        expected = rows.reshape(6 // k, k, *conv.weight.shape).sum(1)
+        for per_unit in ways:
+            assert torch.allclose(per_unit(conv, a, g, k), expected, rtol=1e-10, atol=1e-12), (per_unit, k)
+
+
 def test_auto_uses_shifted_windows_for_the_layers_next_to_the_image():
     model = build_model(ModelConfig(kind="ae"), seed=0)
     clipper = BookKeepingClipper(model, 1.0)
