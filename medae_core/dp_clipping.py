@@ -30,7 +30,9 @@ per-sample gradient norm is computed the cheaper of two ways:
 
 - *ghost norm* (never forms the gradient): for a conv/linear layer the
   per-sample weight gradient is ``G_i = g_i^T a_i`` over output positions, so
-  ``||G_i||^2 = <a_i a_i^T, g_i g_i^T>`` -- cost ~ positions^2;
+  ``||G_i||^2 = <a_i a_i^T, g_i g_i^T>`` -- cost ~ positions^2 (for a stride-1 conv
+  ``a_i a_i^T`` of the patches is read off one Gram matrix of the padded input's pixels,
+  no im2col);
 - *materialised*: the per-sample weight gradients of a conv layer in one
   grouped convolution-backward call (batch as groups), cost ~ positions;
   or, for a stride-1 conv with few output channels (the high-resolution
@@ -102,6 +104,7 @@ class _Record:
     g: Tensor | None = None  # gradient w.r.t. the layer output
     ghost: bool = False  # conv/linear: clipped sum from (a, g) instead of per-sample grads
     per_sample: dict[str, Tensor] = field(default_factory=dict)  # param name -> [B, *shape]
+    stats: tuple[Tensor, Tensor] | None = None  # GroupNorm: the forward pass's mean and 1/std, when kept
     norm2: Tensor | None = None  # [B] squared per-sample gradient norm of this layer
 
 
@@ -186,6 +189,8 @@ class BookKeepingClipper:
                 "per-sample norms cannot be computed by book-keeping"
             )
         rec = _Record(module=module, a=inputs[0].detach())
+        if isinstance(module, nn.GroupNorm):
+            rec.stats = _forward_group_norm_stats(output)
         self._records.append(rec)
         replaced = None
         if not output.requires_grad:
@@ -256,10 +261,10 @@ class BookKeepingClipper:
                     r.norm2 = r.norm2 + gg.sum((1, 2))
             r.g, r.ghost = g, True
         else:  # GroupNorm
-            gw, gb = _group_norm_per_sample_grads(m, r.a, g)
+            gw, gb = _group_norm_per_sample_grads(m, r.a, g, r.stats)
             r.per_sample = {"weight": self._unit_sum(gw), "bias": self._unit_sum(gb)}
             r.norm2 = _sq_norms(r.per_sample["weight"]) + _sq_norms(r.per_sample["bias"])
-            r.a = None
+            r.a = r.stats = None
 
     def _grouped(self, t: Tensor) -> Tensor:
         """[units * k, f] -> [units, k, f]."""
@@ -295,11 +300,8 @@ class BookKeepingClipper:
         gb = self._unit_sum(g.sum((2, 3))) if m.bias is not None else None
         method = self._conv_method(m, g)
         if method == "ghost":
-            cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            # A unit's positions are those of all its rows: [units, k * q, features].
-            cols = cols.transpose(1, 2).reshape(n, -1, cols.shape[1])
+            aa = _shifted_gram(m, a, self.k) if _shiftable(m) else _unfolded_gram(m, a, self.k)  # [n, kq, kq]
             gg = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(n, -1, g.shape[1])
-            aa = torch.bmm(cols, cols.transpose(1, 2))  # [n, kq, kq]
             ggt = torch.bmm(gg, gg.transpose(1, 2))  # [n, kq, kq]
             r.norm2 = _dot_per_sample(aa, ggt)
             r.g, r.ghost = g, True
@@ -347,16 +349,32 @@ def _dot_per_sample(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x.reshape(n, 1, -1), y.reshape(n, -1, 1)).view(n)
 
 
-def _group_norm_per_sample_grads(m: nn.GroupNorm, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def _forward_group_norm_stats(output: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The mean and 1/std per (sample, group) that a GroupNorm's forward pass computed and autograd
+    keeps for its backward, or None where this torch keeps them otherwise (then they are recomputed)."""
+    node = output.grad_fn
+    if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+    if not isinstance(mean, Tensor) or not isinstance(rstd, Tensor) or mean.shape != rstd.shape:
+        return None
+    return mean, rstd
+
+
+def _group_norm_per_sample_grads(m: nn.GroupNorm, a: Tensor, g: Tensor,
+                                 stats: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Per-sample gradients [B, C] of a GroupNorm's weight and bias.
 
     weight: sum_s xhat * g with xhat = (a - mean) * rstd per (sample, group);
     computed as (sum_s a*g - mean * sum_s g) * rstd to avoid re-normalising.
+    ``stats``: the forward pass's (mean, rstd), [B, groups]; recomputed when None.
     """
     n, c = a.shape[:2]
     spatial = a[0, 0].numel()
-    # Same statistics the forward pass used (mean and 1/std per sample and group).
-    _, mean, rstd = torch.native_group_norm(a, None, None, n, c, spatial, m.num_groups, m.eps)
+    if stats is not None and tuple(stats[0].shape) == (n, m.num_groups):
+        mean, rstd = stats
+    else:  # the same statistics the forward pass used
+        _, mean, rstd = torch.native_group_norm(a, None, None, n, c, spatial, m.num_groups, m.eps)
     per_group = c // m.num_groups
     mean_c = mean.repeat_interleave(per_group, dim=1)
     rstd_c = rstd.repeat_interleave(per_group, dim=1)
@@ -396,6 +414,39 @@ def _conv_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor, k: int = 1)
         [False, True, False],
     )
     return gw.view(n, *w.shape)
+
+
+def _unfolded_gram(m: nn.Conv2d, a: Tensor, k: int) -> Tensor:
+    """``<patch_s, patch_t>`` for every pair of a unit's output positions: [units, k*q, k*q], by im2col."""
+    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    # A unit's positions are those of all its rows: [units, k * q, features].
+    cols = cols.transpose(1, 2).reshape(a.shape[0] // k, -1, cols.shape[1])
+    return torch.bmm(cols, cols.transpose(1, 2))
+
+
+def _shifted_gram(m: nn.Conv2d, a: Tensor, k: int) -> Tensor:
+    """`_unfolded_gram` of a stride-1 conv without im2col.
+
+    A patch is the padded input at kh x kw offsets from its position, so ``<patch_s, patch_t> =
+    sum over offsets d of <x_{s+d}, x_{t+d}>``: one Gram matrix of the padded input's pixels
+    (channels as features; kh*kw times fewer multiply-adds than of the patches), then the sum of
+    its kh*kw shifted windows.
+    """
+    b, c, _, _ = a.shape
+    n = b // k
+    kh, kw = m.kernel_size
+    ph, pw = _pad(m)
+    padded = F.pad(a, (pw, pw, ph, ph))
+    hp, wp = padded.shape[2], padded.shape[3]
+    ho, wo = hp - kh + 1, wp - kw + 1
+    pixels = padded.permute(0, 2, 3, 1).reshape(n, k * hp * wp, c)
+    gram = torch.bmm(pixels, pixels.transpose(1, 2)).view(n, k, hp, wp, k, hp, wp)
+    out = gram[:, :, :ho, :wo, :, :ho, :wo].clone()
+    for dy in range(kh):
+        for dx in range(kw):
+            if dy or dx:
+                out += gram[:, :, dy:dy + ho, dx:dx + wo, :, dy:dy + ho, dx:dx + wo]
+    return out.view(n, k * ho * wo, k * ho * wo)
 
 
 def _shiftable(m: nn.Conv2d) -> bool:

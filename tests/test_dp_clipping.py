@@ -190,6 +190,42 @@ def test_a_units_weight_gradient_is_its_rows_summed(stride):
             assert torch.allclose(per_unit(conv, a, g, k), expected, rtol=1e-10, atol=1e-12), (per_unit, k)
 
 
+@pytest.mark.parametrize("kernel,padding", [(3, 1), (1, 0), ((3, 5), (1, 2)), (3, 0)])
+def test_the_patch_gram_matrix_by_shifted_windows_is_the_one_from_im2col(kernel, padding):
+    """Ghost norms of a stride-1 conv read the patches' inner products off one Gram matrix of pixels."""
+    from medae_core.dp_clipping import _shifted_gram, _unfolded_gram
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel, padding=padding).double()
+    a = torch.randn(6, 3, 9, 11, dtype=torch.float64)
+    positions = conv(a[:1]).shape[2:].numel()
+    for k in (1, 2, 3):
+        shifted, unfolded = _shifted_gram(conv, a, k), _unfolded_gram(conv, a, k)
+        assert shifted.shape == unfolded.shape == (6 // k, k * positions, k * positions)
+        assert torch.allclose(shifted, unfolded, rtol=1e-10, atol=1e-10), k
+
+
+def test_group_norm_statistics_come_from_the_forward_pass_and_equal_a_recomputation():
+    from medae_core import dp_clipping
+
+    torch.manual_seed(0)
+    model = Mixed().double()
+    x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
+    clipper = BookKeepingClipper(model, 1.0)
+    out = clipper.forward(x)
+    (record,) = [r for r in clipper._records if isinstance(r.module, nn.GroupNorm)]
+    assert record.stats is not None  # kept from the forward pass, not recomputed
+    n, c = record.a.shape[:2]
+    _, mean, rstd = torch.native_group_norm(record.a, None, None, n, c, record.a[0, 0].numel(), 3, 1e-5)
+    assert torch.equal(record.stats[0], mean) and torch.equal(record.stats[1], rstd)
+    g = torch.randn_like(record.a)
+    kept = dp_clipping._group_norm_per_sample_grads(record.module, record.a, g, record.stats)
+    again = dp_clipping._group_norm_per_sample_grads(record.module, record.a, g)
+    assert all(torch.equal(u, v) for u, v in zip(kept, again))
+    clipper.backward(mixed_loss(out, x))
+    clipper.close()
+
+
 def test_auto_uses_shifted_windows_for_the_layers_next_to_the_image():
     model = build_model(ModelConfig(kind="ae"), seed=0)
     clipper = BookKeepingClipper(model, 1.0)
