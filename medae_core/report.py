@@ -155,7 +155,7 @@ NEAR_CHANCE = 0.6  # image AUROC below this is reported as near chance
 REFERENCE_NOT_COMPUTED = ("not computed: medae simulate trains it after the federation (unless --no-reference); "
                           "a deployed server cannot, as no image leaves a site")
 REFERENCE_SWITCHED_OFF = ("not computed: switched off ([federation] reference = false, or --no-reference); "
-                          "simulate without it to see what privacy costs")
+                          "leave it on to see what privacy costs")
 REFERENCE_AFTER_FAILURE = "not computed: no site trained, so there is no model to compare it with"
 
 
