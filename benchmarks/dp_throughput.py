@@ -53,7 +53,7 @@ def make_step(kind: str, mode: str, args) -> tuple[callable, int, callable]:
         noise_multiplier=None if mode == "nondp" else 1.0,
         max_grad_norm=1.0,
         expected_batch_size=args.batch_size // args.group_size,
-        group_size=1 if mode == "nondp" else args.group_size,
+        group_size=args.group_size,
         noise_generator=torch.Generator(device=device).manual_seed(1) if mode != "nondp" else None,
     )
     gen = torch.Generator(device=device).manual_seed(2)

@@ -356,9 +356,7 @@ def _forward_group_norm_stats(output: Tensor) -> tuple[Tensor, Tensor] | None:
     if node is None or type(node).__name__ != "NativeGroupNormBackward0":
         return None
     mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
-    if not isinstance(mean, Tensor) or not isinstance(rstd, Tensor) or mean.shape != rstd.shape:
-        return None
-    return mean, rstd
+    return (mean, rstd) if isinstance(mean, Tensor) and isinstance(rstd, Tensor) else None
 
 
 def _group_norm_per_sample_grads(m: nn.GroupNorm, a: Tensor, g: Tensor,
@@ -371,7 +369,7 @@ def _group_norm_per_sample_grads(m: nn.GroupNorm, a: Tensor, g: Tensor,
     """
     n, c = a.shape[:2]
     spatial = a[0, 0].numel()
-    if stats is not None and tuple(stats[0].shape) == (n, m.num_groups):
+    if stats is not None and all(tuple(t.shape) == (n, m.num_groups) for t in stats):
         mean, rstd = stats
     else:  # the same statistics the forward pass used
         _, mean, rstd = torch.native_group_norm(a, None, None, n, c, spatial, m.num_groups, m.eps)
